@@ -1,0 +1,4 @@
+"""GPT-2 in plain PyTorch: configuration, architecture, KV cache, weights, tokenizer, sampling.
+
+Nothing here imports FastAPI or asyncio; the package can be used from a notebook or a script.
+"""

@@ -1,0 +1,1 @@
+"""The serving side: the batching engine (``service.engine``) and the HTTP layer."""

@@ -1,0 +1,26 @@
+"""How the engine is sized: batch, queue, per-step prompt budget and context window."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Deployment-side engine limits (the model's architecture lives in GPTConfig)."""
+
+    max_batch_size: int = 32  # requests decoding together; also the number of KV-cache slots
+    max_queue_size: int = 256  # requests waiting for a slot before submit() fails fast
+    max_prefill_tokens: int = 512  # prompt tokens per step, so long prompts are chunked
+    max_model_len: int | None = None  # context window; None = the model's positions
+    truncate_prompt: bool = False  # left-truncate prompts that do not fit instead of failing
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_prefill_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_queue_size < 0:
+            raise ValueError(f"max_queue_size must be >= 0, got {self.max_queue_size}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")

@@ -1,0 +1,59 @@
+"""Per-request settings beyond sampling: how long to generate and when to stop."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from service.engine.errors import InvalidRequestError
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class StopParams:
+    """Stop conditions, checked after every generated token.
+
+    `max_new_tokens=None` means up to the model's context window.
+    """
+
+    max_new_tokens: int | None = 16
+    stop: Sequence[str] = field(default_factory=tuple)
+    stop_token_ids: Sequence[int] = field(default_factory=tuple)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens is not None and (
+            isinstance(self.max_new_tokens, bool)
+            or not isinstance(self.max_new_tokens, int)
+            or self.max_new_tokens < 1
+        ):
+            raise InvalidRequestError(
+                f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}",
+                "max_new_tokens",
+            )
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int):
+            raise InvalidRequestError("min_tokens must be an integer", "min_tokens")
+        if self.min_tokens < 0 or (
+            self.max_new_tokens is not None and self.min_tokens > self.max_new_tokens
+        ):
+            raise InvalidRequestError(
+                f"min_tokens must be in [0, max_new_tokens], got {self.min_tokens}", "min_tokens"
+            )
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings", "stop")
+        for text in self.stop:
+            if not isinstance(text, str) or not 1 <= len(text) <= MAX_STOP_STRING_LENGTH:
+                raise InvalidRequestError(
+                    f"each stop string must be 1 to {MAX_STOP_STRING_LENGTH} characters",
+                    "stop",
+                )
+        for token_id in self.stop_token_ids:
+            if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+                raise InvalidRequestError(
+                    f"stop_token_ids must be non-negative token ids, got {token_id!r}",
+                    "stop_token_ids",
+                )
