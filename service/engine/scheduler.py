@@ -89,17 +89,14 @@ class Scheduler:
         """Queue a request, or fail at once with QueueFullError when the queue is full."""
         if request.request_id in self._by_id:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        if len(self.waiting) >= self.max_waiting and not self._can_admit_now():
+        # Requests that the next step admits straight into a free slot do not really wait.
+        if len(self.waiting) >= self.max_waiting + len(self._free_slots):
             raise QueueFullError(
                 f"the waiting queue is full ({self.max_waiting} requests); retry later"
             )
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
         self._by_id[request.request_id] = request
-
-    def _can_admit_now(self) -> bool:
-        # A request that the next step admits straight into a free slot does not really wait.
-        return len(self.waiting) < len(self._free_slots)
 
     def get(self, request_id: str) -> Request | None:
         """The live (waiting or running) request with this id."""

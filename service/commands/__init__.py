@@ -1,0 +1,1 @@
+"""Subcommands of the `gptserve` command line, one module each."""
