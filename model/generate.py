@@ -34,8 +34,7 @@ def generate(
             f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) must fit the "
             f"model's {model.config.block_size} positions, with max_new_tokens >= 1"
         )
-    device = model.transformer.wte.weight.device
-    dtype = model.transformer.wte.weight.dtype
+    device, dtype = model.device, model.dtype
     cache = KVCache(model.config, num_slots=1, max_seq_len=total, device=device, dtype=dtype)
     generator = None
     if params.seed is not None:

@@ -99,23 +99,42 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class Transformer(nn.Module):
+    """Embeddings, blocks and final LayerNorm, named as in the published checkpoints."""
+
+    def __init__(self, config: GPTConfig, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(dropout)
+        self.h = nn.ModuleList(Block(config, dropout) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+
+    @property
+    def blocks(self) -> list[Block]:
+        """The blocks, typed."""
+        return [block for block in self.h if isinstance(block, Block)]
+
+
 class GPT(nn.Module):
     """GPT-2 language model with its head tied to the token embedding."""
 
     def __init__(self, config: GPTConfig, dropout: float = 0.0) -> None:
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(dropout),
-                h=nn.ModuleList(Block(config, dropout) for _ in range(config.n_layer)),
-                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
-            )
-        )
+        self.transformer = Transformer(config, dropout)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live."""
+        return self.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' floating-point type."""
+        return self.transformer.wte.weight.dtype
 
     def tie_weights(self) -> None:
         """Make the head share the token embedding's parameter (also after loading)."""
@@ -150,7 +169,7 @@ class GPT(nn.Module):
                 f"sequence of {seq_len} tokens exceeds {self.config.block_size} positions"
             )
         x = self._embed(idx, torch.arange(seq_len, device=idx.device))  # (B, T, C)
-        for block in self.transformer.h:
+        for block in self.transformer.blocks:
             x = block(x)
         return self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
 
@@ -168,7 +187,7 @@ class GPT(nn.Module):
         (B, T, vocab) with `all_logits`.
         """
         x = self._embed(idx, layout.positions)  # (B, T, C)
-        for layer, block in enumerate(self.transformer.h):
+        for layer, block in enumerate(self.transformer.blocks):
             x = block(x, layer, cache, layout)
         if not all_logits:
             x = x[torch.arange(x.shape[0], device=x.device), layout.last_index]  # (B, C)

@@ -81,10 +81,10 @@ class BatchLayout:
             raise ValueError("slots, start_pos and num_new must be non-empty and of equal length")
         if len(set(slots)) != len(slots):
             raise ValueError(f"a slot may appear only once per batch, got {list(slots)}")
-        for start, count in zip(start_pos, num_new, strict=True):
-            if count < 1 or start < 0 or start + count > max_seq_len:
+        for row_start, row_count in zip(start_pos, num_new, strict=True):
+            if row_count < 1 or row_start < 0 or row_start + row_count > max_seq_len:
                 raise ValueError(
-                    f"row with start {start} and {count} new tokens does not fit "
+                    f"row with start {row_start} and {row_count} new tokens does not fit "
                     f"a cache of {max_seq_len} positions"
                 )
         width = max(num_new)

@@ -34,9 +34,8 @@ class ModelRunner:
         eos_token_id: int | None = None,
     ) -> None:
         self.model = model
-        weight = model.transformer.wte.weight
-        self.device = weight.device
-        self.dtype = weight.dtype
+        self.device = model.device
+        self.dtype = model.dtype
         self.max_model_len = max_model_len
         self.eos_token_id = eos_token_id
         # A checkpoint may pad its vocabulary (nanoGPT's 50304): never sample the padding.
