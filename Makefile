@@ -1,13 +1,17 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch is installed first, pinned, so pip takes the CPU build that lies on disk here; on a
-# machine with a GPU, install the torch build you want into .venv before `make`.
+# torch is installed first and pinned: on these CPU machines pip takes the CPU build that lies
+# on local disk; on a GPU machine PyPI's torch wheel for Linux brings its CUDA runtime.
 TORCH_SPEC ?= torch==2.13.0
+HOST ?= 127.0.0.1
+PORT ?= 8000
+SERVE_ARGS ?=
 
-.PHONY: help venv install test lint typecheck clean
+.PHONY: help serve test lint typecheck pytest clean
 
 help:
+	@echo "make serve  - create .venv if missing, install, start the service on http://$(HOST):$(PORT)"
 	@echo "make test   - create .venv if missing, install with the dev extra, lint and run the tests"
 
 $(BIN)/python:
@@ -15,21 +19,28 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 
-$(VENV)/.installed-dev: $(BIN)/python pyproject.toml
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-venv: $(VENV)/.installed-dev
+serve: $(VENV)/.installed
+	$(BIN)/gptserve serve --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check model service tests
-	$(BIN)/ruff format --check model service tests
+	$(BIN)/ruff check model service tests benchmarks
+	$(BIN)/ruff format --check model service tests benchmarks
 
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
-test: lint typecheck
+pytest: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
+
+test: lint typecheck pytest
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
