@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+# Each subcommand lives in service/commands/<name>.py with `register(subparsers)`, which adds
+# its parser and sets `func` (args -> exit code). Modules import heavy dependencies lazily.
+COMMANDS: list[str] = ["bench", "serve", "train"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -12,7 +17,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gptserve",
         description="A batched text-generation service for GPT-2-class models.",
     )
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMANDS:
+        module = importlib.import_module(f"service.commands.{module_name}")
+        module.register(subparsers)
     return parser
 
 

@@ -30,3 +30,15 @@ def test_quantize_replaces_every_linear_and_stays_close() -> None:
 def test_reject_unknown_quantization() -> None:
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
         apply_quantization(make_model(), "int4")
+
+
+def test_serve_setting_loads_quantized_engine(tmp_path) -> None:
+    from model.loading import save_checkpoint
+    from service.api.loader import ServeConfigError, load_engine
+    from service.api.settings import Settings
+
+    save_checkpoint(make_model(), tmp_path)
+    engine, _ = load_engine(Settings(model=str(tmp_path), quantization="int8"))
+    assert not any(type(m) is nn.Linear for m in engine.engine.model.modules())
+    with pytest.raises(ServeConfigError, match="float32"):
+        load_engine(Settings(model=str(tmp_path), quantization="int8", dtype="bfloat16"))

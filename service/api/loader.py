@@ -1,0 +1,90 @@
+"""Build the engine a deployment asks for: pick the model, device and dtype, load, size."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from model.loading import load_model
+from model.quantize import apply_quantization
+from model.tokenizer import GPT2_ASSETS_DIR, Tokenizer
+from service.api.settings import Settings
+from service.engine.async_engine import AsyncEngine
+from service.engine.config import EngineConfig
+from service.engine.llm_engine import LLMEngine
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_MODEL_DIR = GPT2_ASSETS_DIR.parent / "bundled"  # model/assets/bundled
+
+
+class ServeConfigError(ValueError):
+    """The deployment asks for something this machine or installation cannot give."""
+
+
+def resolve_model_spec(spec: str | None) -> str:
+    """`spec`, or the bundled model when none is given."""
+    if spec:
+        return spec
+    if (BUNDLED_MODEL_DIR / "gptserve.json").is_file():
+        return str(BUNDLED_MODEL_DIR)
+    raise ServeConfigError(
+        f"no model given and the bundled model is not installed ({BUNDLED_MODEL_DIR}); "
+        "pass --model (a model folder, a checkpoint file or a Hugging Face name such as gpt2) "
+        "or set GPTSERVE_MODEL"
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is cuda when available, else cpu; asking for cuda without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ServeConfigError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bfloat16 on CUDA (float16 where bf16 is unsupported) and float32 on CPU."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ServeConfigError("float16 is not supported on CPU; use float32 or bfloat16")
+    return dtype
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    """The engine's limits from the deployment's settings."""
+    return EngineConfig(
+        max_batch_size=settings.max_batch_size,
+        max_queue_size=settings.max_queue,
+        max_prefill_tokens=settings.max_prefill_tokens,
+        max_model_len=settings.max_model_len,
+        truncate_prompt=settings.truncate_prompt,
+    )
+
+
+def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
+    """Load the model and tokenizer and build the engine (not started); returns it and the name."""
+    spec = resolve_model_spec(settings.model)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    logger.info("loading %s on %s as %s", spec, device, str(dtype).removeprefix("torch."))
+    loaded = load_model(spec, device, dtype)
+    model = loaded.model
+    if settings.quantization != "none":
+        if device.type != "cpu" or dtype != torch.float32:
+            raise ServeConfigError(
+                f"--quantization {settings.quantization} needs --device cpu and float32"
+            )
+        model = apply_quantization(model, settings.quantization)
+    if loaded.tokenizer_dir is not None:
+        tokenizer = Tokenizer.for_model_dir(loaded.tokenizer_dir)
+    else:
+        tokenizer = Tokenizer.default()
+    engine = LLMEngine(model, tokenizer, engine_config(settings))
+    return AsyncEngine(engine), settings.served_model_name or loaded.name

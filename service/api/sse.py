@@ -1,0 +1,86 @@
+"""Server-Sent Events: formatting, keep-alive comments, a response that stops on disconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from service.api.disconnect import cancel_on_disconnect
+from service.api.errors import ClientDisconnectedError
+
+DONE = "data: [DONE]\n\n"
+KEEPALIVE = ": keep-alive\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def format_event(payload: Any) -> str:
+    """One `data:` event; JSON escapes newlines, so the payload stays on one line."""
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _next(iterator: AsyncIterator[str]) -> str:
+    return await iterator.__anext__()
+
+
+async def with_keepalive(source: AsyncIterator[str], interval: float) -> AsyncIterator[str]:
+    """Pass `source` through, sending a comment whenever it is silent for `interval` seconds."""
+    pending: asyncio.Task[str] | None = None
+    try:
+        while True:
+            if pending is None:
+                # The next item is awaited in its own task, so a timeout does not cancel it.
+                pending = asyncio.ensure_future(_next(source))
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield KEEPALIVE
+                continue
+            finished, pending = pending, None
+            try:
+                chunk = finished.result()
+            except StopAsyncIteration:
+                return
+            yield chunk
+    finally:
+        if pending is not None:
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class EventStreamResponse(StreamingResponse):
+    """A `text/event-stream` response with keep-alives; a disconnect cancels the event source.
+
+    Cancelling the source at once (rather than at the next failed send) is what aborts a
+    request that is still waiting in the queue.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        events: AsyncIterator[str],
+        keepalive_interval: float,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(with_keepalive(events, keepalive_interval), headers=SSE_HEADERS)
+        self.on_close = on_close  # runs however the response ends, even if it never started
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await cancel_on_disconnect(receive, self.stream_response(send))
+        except (ClientDisconnectedError, OSError):
+            pass  # the client is gone: nothing to send, the work is already cancelled
+        finally:
+            body = self.body_iterator
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            if self.on_close is not None:
+                self.on_close()

@@ -1,0 +1,120 @@
+"""Helpers for the API tests: a tiny engine, and the app served by a real uvicorn on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import uvicorn
+
+from model.config import GPTConfig
+from model.gpt2 import GPT
+from model.tokenizer import Tokenizer
+from service.api.app import create_app
+from service.api.settings import Settings
+from service.engine.async_engine import AsyncEngine
+from service.engine.config import EngineConfig
+from service.engine.llm_engine import LLMEngine
+from service.engine.request import Request
+from service.engine.stats import EngineListener
+
+# Tiny but with a long context, so a request can run long enough to be interrupted.
+TEST_CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=50257, block_size=1024)
+MODEL_NAME = "tiny-test"
+
+
+def make_tiny_model(seed: int = 0) -> GPT:
+    """A random-weight model in eval mode."""
+    torch.manual_seed(seed)
+    return GPT(TEST_CONFIG).init_weights(seed).eval()
+
+
+@dataclass
+class Finished:
+    """What a test listener saw of a finished request."""
+
+    request_id: str
+    finish_reason: str | None
+    num_output_tokens: int
+
+
+@dataclass
+class FinishRecorder(EngineListener):
+    """Records every request the engine finishes (called on the engine thread)."""
+
+    finished: list[Finished] = field(default_factory=list)
+
+    def on_request_finished(self, request: Request) -> None:
+        reason = request.finish_reason.value if request.finish_reason else None
+        self.finished.append(Finished(request.request_id, reason, request.num_output_tokens))
+
+
+def make_engine(
+    max_batch_size: int = 4, max_queue_size: int = 16, listeners: tuple[EngineListener, ...] = ()
+) -> AsyncEngine:
+    """An engine (not started) over the tiny model."""
+    config = EngineConfig(max_batch_size=max_batch_size, max_queue_size=max_queue_size)
+    return AsyncEngine(LLMEngine(make_tiny_model(), Tokenizer.default(), config, listeners))
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
+    """Poll `predicate` until it holds or `timeout` seconds pass; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+@dataclass
+class LiveServer:
+    """An app served by uvicorn on a thread; `url` is its base address."""
+
+    url: str
+    engine: AsyncEngine
+    recorder: FinishRecorder
+    settings: Settings
+
+    @property
+    def num_live(self) -> int:
+        """Requests running or waiting in the engine."""
+        scheduler = self.engine.engine.scheduler
+        return scheduler.num_running + scheduler.num_waiting
+
+
+@contextmanager
+def live_server(
+    max_batch_size: int = 4,
+    max_queue_size: int = 16,
+    engine: AsyncEngine | None = None,
+    wait_ready: bool = True,
+    **settings: Any,
+) -> Iterator[LiveServer]:
+    """Serve a fresh app over a tiny engine on a free port of 127.0.0.1 until the block ends."""
+    recorder = FinishRecorder()
+    if engine is None:
+        engine = make_engine(max_batch_size, max_queue_size, (recorder,))
+    app_settings = Settings(**{"warm_up": False, **settings})
+    app = create_app(app_settings, engine, MODEL_NAME)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        if not wait_until(lambda: server.started and (engine.is_ready or not wait_ready), 30):
+            raise RuntimeError("the test server did not start")
+        yield LiveServer(f"http://127.0.0.1:{port}", engine, recorder, app_settings)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
