@@ -5,6 +5,7 @@ prompts, 128 greedy tokens each, end-of-text ignored; N requests submitted at on
 async engine, at several concurrency levels, and again with the batch forced to 1.
 
     python benchmarks/engine_bench.py                    # float32 on CPU, 1 / 8 / 32
+    python benchmarks/engine_bench.py --quantization int8
     python benchmarks/engine_bench.py --levels 1,64,256 --device cuda --dtype bfloat16
 """
 
@@ -20,6 +21,7 @@ import torch
 
 from model.config import GPTConfig
 from model.gpt2 import GPT
+from model.quantize import QUANTIZATIONS, apply_quantization
 from model.sampling_params import SamplingParams
 from model.tokenizer import Tokenizer
 from service.engine.async_engine import AsyncEngine
@@ -74,6 +76,7 @@ async def bench(args: argparse.Namespace) -> list[tuple[str, int, dict[str, floa
     device = torch.device(args.device)
     config = GPTConfig.from_preset(args.model)
     model = GPT(config).init_weights(0).eval().to(device=device, dtype=DTYPES[args.dtype])
+    model = apply_quantization(model, args.quantization)
     tokenizer = Tokenizer.default()
     rows = []
     for label, batch_cap in (("batched", None), ("batch=1", 1)):
@@ -101,6 +104,7 @@ def main() -> None:
     parser.add_argument("--model", default="gpt2", help="architecture preset (random weights)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--quantization", default="none", choices=QUANTIZATIONS)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--max-prefill-tokens", type=int, default=512)
@@ -111,7 +115,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(
-        f"# {args.model} random weights, {args.dtype} on {args.device} "
+        f"# {args.model} random weights, {args.dtype} on {args.device}, "
+        f"quantization {args.quantization} "
         f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
         f"torch {torch.__version__}; {args.prompt_tokens}-token prompts, "
         f"{args.new_tokens} greedy tokens, eos ignored"

@@ -310,3 +310,37 @@ def test_seeded_sampling_reproducible_across_batches(tiny_model, tokenizer) -> N
     assert outputs[0] == outputs[1]
     torch.manual_seed(0)  # other rows' unseeded draws must not matter either
     assert outputs[0] == generate(tiny_model, [42, 43], 15, params)
+
+
+def test_output_failure_fails_only_that_request(tiny_model, tokenizer, monkeypatch) -> None:
+    engine = make_engine(tiny_model, tokenizer, max_batch_size=4)
+    quick = engine.add_request([1], SamplingParams(temperature=0.0), StopParams(1))
+    doomed = engine.add_request([2], SamplingParams(temperature=0.0), StopParams(5))
+    survivor = engine.add_request([3], SamplingParams(temperature=0.0), StopParams(5))
+    original = engine.output_processor.process
+
+    def process(request, token):  # type: ignore[no-untyped-def]
+        if request is doomed:
+            raise KeyError("simulated detokenizer fault")
+        return original(request, token)
+
+    monkeypatch.setattr(engine.output_processor, "process", process)
+    events = run_to_completion(engine)
+    assert events[quick.request_id][-1].finish_reason is FinishReason.LENGTH
+    assert isinstance(events[doomed.request_id][-1].error, StepFailedError)
+    assert survivor.num_output_tokens == 5 and engine.scheduler.num_free_slots == 4
+
+
+def test_abort_during_step_releases_seeded_generator(tiny_model, tokenizer, monkeypatch) -> None:
+    engine = make_engine(tiny_model, tokenizer, max_batch_size=2)
+    request = engine.add_request([1, 2], SamplingParams(seed=5), StopParams(10))
+    engine.step()  # prefill: the generator exists
+    original = engine.runner._run_decode
+
+    def decode_then_abort(requests):  # type: ignore[no-untyped-def]
+        engine.abort(request.request_id)  # as the event loop would, while the step runs
+        return original(requests)
+
+    monkeypatch.setattr(engine.runner, "_run_decode", decode_then_abort)
+    assert engine.step() == []
+    assert engine.runner._generators == {} and not engine.has_work()

@@ -100,14 +100,19 @@ class AsyncEngine:
         request = self.engine.add_request(
             prompt_token_ids, sampling, stop, sink=queue.put_nowait, request_id=request_id
         )
+        if self.error is not None:  # the loop died while this request was being queued
+            self.engine.abort(request.request_id)
+            raise EngineDeadError(f"the engine loop died: {self.error!r}")
         self._wakeup.set()
         return RequestStream(self, request, queue)
 
     def abort(self, request_id: str) -> None:
         """Cancel a waiting or running request; its slot is free at once."""
         request = self.engine.abort(request_id)
-        if request is not None:
-            request.sink(
+        if request is not None and self._loop is not None and not self._loop.is_closed():
+            # Through the loop's queue, behind the token events a step already handed over.
+            self._loop.call_soon(
+                request.sink,
                 RequestOutput(
                     request_id=request_id,
                     tokens=[],
@@ -116,7 +121,7 @@ class AsyncEngine:
                     num_output_tokens=request.num_output_tokens,
                     finished=True,
                     finish_reason=request.finish_reason,
-                )
+                ),
             )
 
     async def drain(self, timeout: float) -> bool:

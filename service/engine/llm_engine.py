@@ -143,10 +143,23 @@ class LLMEngine:
             if request is None:
                 return None
             request.finish_reason = FinishReason.ABORT
-            self.scheduler.finish(request)
-        self.runner.release(request_id)
-        self._notify_finished(request)
+            self._end(request)
         return request
+
+    def _end(self, request: Request) -> None:
+        """Take a request out for good; the caller holds the lock."""
+        self.scheduler.finish(request)
+        # A step in flight may recreate the request's generator; _process releases it again.
+        self.runner.release(request.request_id)
+        self._notify("on_request_finished", request)
+
+    def _notify(self, hook: str, *args: object) -> None:
+        """Call `hook` on every listener; a failing listener is logged, never stops the engine."""
+        for listener in self.listeners:
+            try:
+                getattr(listener, hook)(*args)
+            except Exception:
+                logger.exception("engine listener %r failed in %s", listener, hook)
 
     def step(self) -> list[tuple[Request, RequestOutput]]:
         """Run one forward step for everyone scheduled; returns the events it produced."""
@@ -156,8 +169,7 @@ class LLMEngine:
             return []
         for chunk in work.prefills:
             if chunk.start == 0:  # admitted this step
-                for listener in self.listeners:
-                    listener.on_request_scheduled(chunk.request)
+                self._notify("on_request_scheduled", chunk.request)
         try:
             sampled = self.runner.execute(work)
         except Exception as exc:  # one bad step must not take the other requests down
@@ -174,45 +186,46 @@ class LLMEngine:
         with self._lock:
             for chunk in work.prefills:
                 chunk.request.num_computed_tokens += chunk.length
-            requests = [chunk.request for chunk in work.prefills] + work.decodes
             for request in work.decodes:
                 request.num_computed_tokens += 1
-            for request in requests:
-                token = sampled.get(request.request_id)
-                if token is None or request.is_finished:  # mid-prompt, or aborted meanwhile
+            for request in [chunk.request for chunk in work.prefills] + work.decodes:
+                if request.is_finished:  # aborted while the step ran
+                    self.runner.release(request.request_id)
                     continue
-                event = self.output_processor.process(request, token)
-                for listener in self.listeners:
-                    listener.on_token(request, now)
+                token = sampled.get(request.request_id)
+                if token is None:  # a prompt chunk that does not reach the end of the prompt
+                    continue
+                try:
+                    event = self.output_processor.process(request, token)
+                except Exception as exc:  # fail this request alone, keep the others going
+                    logger.exception("output processing failed for %s", request.request_id)
+                    events.append((request, self._fail_request(request, exc)))
+                    continue
+                self._notify("on_token", request, now)
                 if request.first_token_time is None:
                     request.first_token_time = now
                 request.last_token_time = now
                 if event.finished:
-                    self.scheduler.finish(request)
-                    self.runner.release(request.request_id)
+                    self._end(request)
                 events.append((request, event))
-        for listener in self.listeners:
-            listener.on_step(work.num_rows, num_prompt_tokens, len(sampled))
-        for request, event in events:
-            if event.finished:
-                self._notify_finished(request)
+        self._notify("on_step", work.num_rows, num_prompt_tokens, len(sampled))
         return events
 
-    def _fail(self, work: SchedulerOutput, exc: Exception) -> list[tuple[Request, RequestOutput]]:
+    def _fail_request(self, request: Request, exc: Exception) -> RequestOutput:
+        """End one request with a StepFailedError; the caller holds the lock."""
+        request.finish_reason = FinishReason.ERROR
+        self._end(request)
         error = StepFailedError(f"the forward step failed: {type(exc).__name__}: {exc}")
-        events = []
+        return self.error_event(request, error)
+
+    def _fail(self, work: SchedulerOutput, exc: Exception) -> list[tuple[Request, RequestOutput]]:
         with self._lock:
             requests = [chunk.request for chunk in work.prefills] + work.decodes
-            for request in requests:
-                if request.is_finished:
-                    continue
-                request.finish_reason = FinishReason.ERROR
-                self.scheduler.finish(request)
-                self.runner.release(request.request_id)
-                events.append((request, self.error_event(request, error)))
-        for request, _ in events:
-            self._notify_finished(request)
-        return events
+            return [
+                (request, self._fail_request(request, exc))
+                for request in requests
+                if not request.is_finished
+            ]
 
     def fail_all(self, error: EngineError) -> list[tuple[Request, RequestOutput]]:
         """End every live request with `error` (the engine loop is going down)."""
@@ -220,7 +233,7 @@ class LLMEngine:
             live = list(self.scheduler.waiting) + list(self.scheduler.running)
             for request in live:
                 request.finish_reason = FinishReason.ERROR
-                self.scheduler.finish(request)
+                self._end(request)
         return [(request, self.error_event(request, error)) for request in live]
 
     @staticmethod
@@ -237,14 +250,11 @@ class LLMEngine:
             error=error,
         )
 
-    def _notify_finished(self, request: Request) -> None:
-        for listener in self.listeners:
-            listener.on_request_finished(request)
-
     def warm_up(self) -> None:
         """Run a full batch of short requests once, so the first real one is not slow."""
-        stop = StopParams(max_new_tokens=2, ignore_eos=True)
-        prompt = list(range(min(8, self.max_model_len - 2)))
+        max_new = min(2, self.max_model_len - 1)
+        stop = StopParams(max_new_tokens=max_new, ignore_eos=True)
+        prompt = list(range(max(1, min(8, self.max_model_len - max_new))))
         listeners, self.listeners = self.listeners, []  # warm-up is not traffic: keep it out
         try:
             for _ in range(self.config.max_batch_size):

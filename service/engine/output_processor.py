@@ -31,8 +31,9 @@ class OutputProcessor:
         if may_stop and (is_eos or token in stop.stop_token_ids):
             request.finish_reason = FinishReason.STOP
         else:
+            previous_length = len(request.output_text)
             self._append_text(request, token)
-            if stop.stop and may_stop and self._check_stop_strings(request):
+            if stop.stop and may_stop and self._check_stop_strings(request, previous_length):
                 # The text was cut before the stop string: bytes held after it are dropped.
                 return self._event(request, sampled)
             if request.num_tokens >= request.max_total_tokens:
@@ -48,14 +49,14 @@ class OutputProcessor:
         request.output_text += detokenizer.add(token)
 
     @staticmethod
-    def _check_stop_strings(request: Request) -> bool:
+    def _check_stop_strings(request: Request, previous_length: int) -> bool:
+        """Cut the text before the earliest stop string that this token's text completes."""
         text = request.output_text
-        longest = max(len(s) for s in request.stop.stop)
-        # Only the tail can hold a new match: text before it was checked on earlier tokens.
-        search_from = max(0, request.num_emitted_chars - longest)
         best: tuple[int, int] | None = None
         for stop_string in request.stop.stop:
-            index = text.find(stop_string, search_from)
+            # Only matches ending in the new text count: earlier text was checked already, or
+            # came before min_tokens, when stop strings do not apply (as in vLLM).
+            index = text.find(stop_string, max(0, previous_length - len(stop_string) + 1))
             if index != -1 and (best is None or index < best[0]):
                 best = (index, len(stop_string))
         if best is not None:
@@ -87,10 +88,19 @@ class OutputProcessor:
     def _held_back(request: Request) -> int:
         """Characters at the end of the text that could be the start of a stop string."""
         text = request.output_text
+        if not text:
+            return 0
+        last = text[-1]
         held = 0
         for stop_string in request.stop.stop:
-            for size in range(min(len(stop_string) - 1, len(text)), held, -1):
-                if text.endswith(stop_string[:size]):
-                    held = size
+            # A prefix of size n can only match if it ends with the text's last character.
+            end = min(len(stop_string) - 1, len(text))
+            while end > held:
+                index = stop_string.rfind(last, 0, end)
+                if index < held:
                     break
+                if text.endswith(stop_string[: index + 1]):
+                    held = index + 1
+                    break
+                end = index
         return held
