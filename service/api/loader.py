@@ -17,6 +17,7 @@ from service.engine.llm_engine import LLMEngine
 logger = logging.getLogger(__name__)
 
 BUNDLED_MODEL_DIR = GPT2_ASSETS_DIR.parent / "bundled"  # model/assets/bundled
+BUNDLED_MODEL_NAME = "gpt2-tiny-shakespeare"  # what /v1/models calls the bundled model
 
 
 class ServeConfigError(ValueError):
@@ -87,4 +88,5 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
     else:
         tokenizer = Tokenizer.default()
     engine = LLMEngine(model, tokenizer, engine_config(settings))
-    return AsyncEngine(engine), settings.served_model_name or loaded.name
+    default_name = BUNDLED_MODEL_NAME if settings.model is None else loaded.name
+    return AsyncEngine(engine), settings.served_model_name or default_name
