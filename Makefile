@@ -31,8 +31,8 @@ serve: $(VENV)/.installed
 	$(BIN)/gptserve serve --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check model service tests benchmarks
-	$(BIN)/ruff format --check model service tests benchmarks
+	$(BIN)/ruff check model service tests benchmarks docker
+	$(BIN)/ruff format --check model service tests benchmarks docker
 
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
@@ -44,3 +44,9 @@ test: lint typecheck pytest
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
+
+# Build the image offline on a real Docker engine and check it serves, streams and drains
+# (root on Debian bookworm; see docker/README.md).
+.PHONY: container-test
+container-test:
+	bash docker/container-test.sh
