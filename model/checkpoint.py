@@ -247,6 +247,11 @@ def save_checkpoint(
     # checkpoint that looks complete. The config goes last since it marks the folder as ours.
     weights_tmp = folder / f".{WEIGHTS_FILE}.tmp"
     save_file(tensors, weights_tmp, metadata={"format": "pt"})
+    # safetensors creates the file owner-only (0600); give it the usual permissions so a
+    # checkpoint mounted into a container running as another user stays readable.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(weights_tmp, 0o666 & ~umask)
     os.replace(weights_tmp, folder / WEIGHTS_FILE)
     header_tmp = folder / f".{CONFIG_FILE}.tmp"
     header_tmp.write_text(header_text + "\n", encoding="utf-8")

@@ -230,6 +230,13 @@ def test_save_checkpoint_round_trips_tensors_and_logits(tmp_path: Path) -> None:
     assert_tied(loaded.model)
 
 
+def test_save_checkpoint_files_readable_by_others(tmp_path: Path) -> None:
+    save_checkpoint(make_gpt(), tmp_path)
+    # Same permissions as any file this process writes (umask applied), not owner-only.
+    config_mode = (tmp_path / "gptserve.json").stat().st_mode & 0o777
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == config_mode
+
+
 def test_save_checkpoint_in_bfloat16(tmp_path: Path) -> None:
     reference = make_gpt()
     save_checkpoint(reference, tmp_path / "fp32")
