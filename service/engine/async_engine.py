@@ -111,18 +111,7 @@ class AsyncEngine:
         request = self.engine.abort(request_id)
         if request is not None and self._loop is not None and not self._loop.is_closed():
             # Through the loop's queue, behind the token events a step already handed over.
-            self._loop.call_soon(
-                request.sink,
-                RequestOutput(
-                    request_id=request_id,
-                    tokens=[],
-                    text="",
-                    num_prompt_tokens=request.num_prompt_tokens,
-                    num_output_tokens=request.num_output_tokens,
-                    finished=True,
-                    finish_reason=request.finish_reason,
-                ),
-            )
+            self._loop.call_soon(request.sink, request.final_output())
 
     async def drain(self, timeout: float) -> bool:
         """Stop admitting and wait up to `timeout` s for live requests; True if all finished."""

@@ -216,7 +216,7 @@ class LLMEngine:
         request.finish_reason = FinishReason.ERROR
         self._end(request)
         error = StepFailedError(f"the forward step failed: {type(exc).__name__}: {exc}")
-        return self.error_event(request, error)
+        return request.final_output(error)
 
     def _fail(self, work: SchedulerOutput, exc: Exception) -> list[tuple[Request, RequestOutput]]:
         with self._lock:
@@ -234,21 +234,8 @@ class LLMEngine:
             for request in live:
                 request.finish_reason = FinishReason.ERROR
                 self._end(request)
-        return [(request, self.error_event(request, error)) for request in live]
+        return [(request, request.final_output(error)) for request in live]
 
-    @staticmethod
-    def error_event(request: Request, error: EngineError) -> RequestOutput:
-        """The last event of a request that failed."""
-        return RequestOutput(
-            request_id=request.request_id,
-            tokens=[],
-            text="",
-            num_prompt_tokens=request.num_prompt_tokens,
-            num_output_tokens=request.num_output_tokens,
-            finished=True,
-            finish_reason=FinishReason.ERROR,
-            error=error,
-        )
 
     def warm_up(self) -> None:
         """Run a full batch of short requests once, so the first real one is not slow."""

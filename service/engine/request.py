@@ -106,6 +106,19 @@ class Request:
         """Whether the request has ended, for whatever reason."""
         return self.status is RequestStatus.FINISHED
 
+    def final_output(self, error: EngineError | None = None) -> RequestOutput:
+        """The last event of a request that ends without a new token (abort, failure)."""
+        return RequestOutput(
+            request_id=self.request_id,
+            tokens=[],
+            text="",
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_output_tokens=self.num_output_tokens,
+            finished=True,
+            finish_reason=self.finish_reason,
+            error=error,
+        )
+
     def token_at(self, index: int) -> int:
         """The token at `index` of prompt followed by output."""
         prompt = self.prompt_token_ids
