@@ -236,7 +236,6 @@ class LLMEngine:
                 self._end(request)
         return [(request, request.final_output(error)) for request in live]
 
-
     def warm_up(self) -> None:
         """Run a full batch of short requests once, so the first real one is not slow."""
         max_new = min(2, self.max_model_len - 1)
