@@ -13,6 +13,8 @@ SERVE_ARGS ?=
 help:
 	@echo "make serve  - create .venv if missing, install, start the service on http://$(HOST):$(PORT)"
 	@echo "make test   - create .venv if missing, install with the dev extra, lint and run the tests"
+	@echo "make lint / typecheck / pytest - the parts of make test"
+	@echo "make container-test - build the image offline on a local Docker engine and prove it (root, Debian)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

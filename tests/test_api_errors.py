@@ -99,6 +99,13 @@ def test_reject_body_that_is_not_a_json_object(client: httpx.Client, content: by
     assert error_of(response)["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("path", ["/generate", "/v1/completions"])
+def test_reject_missing_body_saying_so(client: httpx.Client, path: str) -> None:
+    response = client.post(path)
+    assert response.status_code == 400
+    assert error_of(response)["message"] == "a JSON object body is required"
+
+
 def test_reject_body_over_the_limit(client: httpx.Client) -> None:
     response = client.post("/generate", json={"prompt": "x" * 20_000})
     assert response.status_code == 413

@@ -155,6 +155,8 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         detail = (first.get("ctx") or {}).get("error", "malformed JSON")
         return invalid_request(f"the request body is not valid JSON: {detail}", None)
     param = _param_from_loc(loc)
+    if kind == "missing" and param is None:  # no body at all
+        return invalid_request("a JSON object body is required", None)
     if kind == "missing":
         return invalid_request(f"'{param}' is required", param)
     if kind == "extra_forbidden":
