@@ -88,6 +88,7 @@ async def bench(args: argparse.Namespace) -> list[tuple[str, int, dict[str, floa
                 max_queue_size=level,
                 max_prefill_tokens=args.max_prefill_tokens,
                 max_model_len=args.prompt_tokens + args.new_tokens,
+                fast_decode=args.fast_decode,
             )
             engine = AsyncEngine(LLMEngine(model, tokenizer, engine_config))
             await engine.start(warm_up=True)
@@ -105,6 +106,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--quantization", default="none", choices=QUANTIZATIONS)
+    parser.add_argument("--fast-decode", action="store_true", help="compiled decode step")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--max-prefill-tokens", type=int, default=512)
@@ -116,7 +118,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(
         f"# {args.model} random weights, {args.dtype} on {args.device}, "
-        f"quantization {args.quantization} "
+        f"quantization {args.quantization}, fast decode {args.fast_decode} "
         f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
         f"torch {torch.__version__}; {args.prompt_tokens}-token prompts, "
         f"{args.new_tokens} greedy tokens, eos ignored"

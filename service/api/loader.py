@@ -66,6 +66,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_prefill_tokens=settings.max_prefill_tokens,
         max_model_len=settings.max_model_len,
         truncate_prompt=settings.truncate_prompt,
+        fast_decode=settings.fast_decode,
     )
 
 

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     quantization: Literal["none", "int8"] = Field(
         default="none", description="int8: int8 linear weights (CPU float32 only), faster decoding"
     )
+    fast_decode: bool = Field(
+        default=False,
+        description="torch.compile the decode step (CUDA graphs on CUDA); eager if it fails",
+    )
     max_batch_size: int = Field(
         default=32, ge=1, description="requests decoding together (KV-cache slots)"
     )

@@ -36,6 +36,12 @@ def register(subparsers: Any) -> None:
         help="int8: int8 weights for the linear layers (CPU, float32 only; 2-4x faster decoding, "
         "logits no longer bit-exact); default none",
     )
+    add(
+        "--fast-decode",
+        action=BOOLEAN,
+        help="torch.compile the decode step (CUDA graphs on CUDA), eager as the fallback; "
+        "compiling adds start-up time (default off)",
+    )
     add("--max-batch-size", type=int, help="requests decoding together (default 32)")
     add("--max-queue", type=int, help="requests waiting before 429 (default 256)")
     add("--max-prefill-tokens", type=int, help="prompt tokens per engine step (default 512)")

@@ -17,6 +17,7 @@ from model.gpt2 import GPT
 from model.sampling import SamplingParams
 from model.sampling_params import SamplingParamsError
 from model.tokenizer import Tokenizer
+from service.engine.compiled_decode import CONTEXT_MULTIPLE
 from service.engine.config import EngineConfig
 from service.engine.errors import (
     EngineError,
@@ -67,6 +68,7 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             vocab_size=self.vocab_size,
             eos_token_id=tokenizer.eos_token_id,
+            fast_decode=self.config.fast_decode,
         )
         self.output_processor = OutputProcessor(tokenizer, tokenizer.eos_token_id)
         self.stats = EngineStats()
@@ -237,15 +239,24 @@ class LLMEngine:
         return [(request, request.final_output(error)) for request in live]
 
     def warm_up(self) -> None:
-        """Run a full batch of short requests once, so the first real one is not slow."""
+        """Run short requests once, so the first real ones are not slow.
+
+        With the compiled decode step, also one lone request and a full batch that decode
+        across several key-length buckets, so compiling happens here and not under traffic.
+        """
+        rounds = [self.config.max_batch_size]
         max_new = min(2, self.max_model_len - 1)
+        if self.config.fast_decode:
+            rounds = [1, self.config.max_batch_size]
+            max_new = min(2 * CONTEXT_MULTIPLE + 1, self.max_model_len - 1)
         stop = StopParams(max_new_tokens=max_new, ignore_eos=True)
         prompt = list(range(max(1, min(8, self.max_model_len - max_new))))
         listeners, self.listeners = self.listeners, []  # warm-up is not traffic: keep it out
         try:
-            for _ in range(self.config.max_batch_size):
-                self.add_request(prompt, SamplingParams(temperature=0.0), stop)
-            while self.has_work():
-                self.step()
+            for batch_size in rounds:
+                for _ in range(batch_size):
+                    self.add_request(prompt, SamplingParams(temperature=0.0), stop)
+                while self.has_work():
+                    self.step()
         finally:
             self.listeners = listeners

@@ -9,6 +9,7 @@ import torch
 from model.gpt2 import GPT
 from model.kv_cache import BatchLayout, KVCache
 from model.sampling import sample
+from service.engine.compiled_decode import CONTEXT_MULTIPLE, CompiledDecode
 from service.engine.request import Request
 from service.engine.scheduler import SchedulerOutput
 
@@ -32,6 +33,7 @@ class ModelRunner:
         max_model_len: int,
         vocab_size: int | None = None,
         eos_token_id: int | None = None,
+        fast_decode: bool = False,
     ) -> None:
         self.model = model
         self.device = model.device
@@ -42,6 +44,7 @@ class ModelRunner:
         self.vocab_size = vocab_size or model.config.vocab_size
         self.cache = KVCache(model.config, num_slots, max_model_len, self.device, self.dtype)
         self._generators: dict[str, torch.Generator] = {}
+        self.compiled_decode = CompiledDecode(model) if fast_decode else None
 
     @torch.inference_mode()
     def execute(self, work: SchedulerOutput) -> dict[str, SampledToken]:
@@ -90,13 +93,16 @@ class ModelRunner:
             [1] * len(ordered),
             self.max_model_len,
             self.device,
+            context_multiple=CONTEXT_MULTIPLE if self.compiled_decode else 1,
+            always_index=self.compiled_decode is not None,
         )
         idx = torch.tensor(
             [[r.token_at(r.num_computed_tokens)] for r in ordered],
             dtype=torch.long,
             device=self.device,
         )  # (B, 1)
-        logits = self.model.forward_cached(idx, self.cache, layout)  # (B, vocab), slot order
+        forward = self.compiled_decode or self.model.forward_cached
+        logits = forward(idx, self.cache, layout)  # (B, vocab), in slot order
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
         return logits[inverse.to(self.device)]
