@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from model.config import GPTConfig
 from model.gpt2 import GPT
@@ -15,6 +16,27 @@ def make_model(config: GPTConfig = TINY, seed: int = 0) -> GPT:
     """A random-weight model in eval mode."""
     torch.manual_seed(seed)
     return GPT(config).init_weights(seed).eval()
+
+
+def make_hf_model(config: GPTConfig = TINY, seed: int = 0) -> GPT2LMHeadModel:
+    """A random `transformers` GPT-2, the reference: LayerNorms and biases random too, so a
+    mixed-up weight mapping cannot hide behind HF's initial 1s and 0s."""
+    torch.manual_seed(seed)
+    hf_config = GPT2Config(
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_embd=config.n_embd,
+        vocab_size=config.vocab_size,
+        n_positions=config.block_size,
+        bos_token_id=config.vocab_size - 1,
+        eos_token_id=config.vocab_size - 1,
+    )
+    reference = GPT2LMHeadModel(hf_config).eval()
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if "ln_" in name or name.endswith("bias"):
+                param.normal_(0.0, 0.1)
+    return reference
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,9 @@ import pytest
 import torch
 from huggingface_hub.utils import LocalEntryNotFoundError, RepositoryNotFoundError
 from safetensors.torch import load_file, save_file
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
+from conftest import make_hf_model
 from model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from model.config import GPTConfig
 from model.gpt2 import GPT
@@ -30,26 +31,6 @@ TOKENS = torch.tensor([[5, 17, 256, 999, 0, 42, 7, 3], [1, 2, 3, 4, 5, 6, 7, 8]]
 def starts(where: object, problem: str) -> str:
     """A regex for an error message that begins by naming `where`, then states `problem`."""
     return f"^{re.escape(str(where))}: {problem}"
-
-
-def make_hf_model(config: GPTConfig = CONFIG, seed: int = 0) -> GPT2LMHeadModel:
-    """A random HF GPT-2 with random LayerNorms and biases too (HF starts them at 1 and 0)."""
-    torch.manual_seed(seed)
-    hf_config = GPT2Config(
-        n_layer=config.n_layer,
-        n_head=config.n_head,
-        n_embd=config.n_embd,
-        vocab_size=config.vocab_size,
-        n_positions=config.block_size,
-        bos_token_id=config.vocab_size - 1,
-        eos_token_id=config.vocab_size - 1,
-    )
-    reference = GPT2LMHeadModel(hf_config).eval()
-    with torch.no_grad():
-        for name, param in reference.named_parameters():
-            if "ln_" in name or name.endswith("bias"):
-                param.normal_(0.0, 0.1)
-    return reference
 
 
 def make_gpt(config: GPTConfig = CONFIG, seed: int = 0) -> GPT:
@@ -81,7 +62,7 @@ def assert_tied(model: GPT) -> None:
 
 @pytest.fixture(scope="module")
 def hf_reference() -> GPT2LMHeadModel:
-    return make_hf_model()
+    return make_hf_model(CONFIG)
 
 
 @pytest.fixture(scope="module")

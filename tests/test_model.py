@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
+from conftest import make_hf_model
 from model.config import ConfigError, GPTConfig
 from model.gpt2 import GPT
 from model.kv_cache import BatchLayout, KVCache
@@ -16,23 +17,7 @@ TOLERANCE = 1e-4
 
 def make_reference(config: GPTConfig, tmp_path, seed: int = 0) -> tuple[GPT2LMHeadModel, GPT]:
     """A random HF GPT-2 and ours loaded from its saved folder."""
-    torch.manual_seed(seed)
-    hf_config = GPT2Config(
-        n_layer=config.n_layer,
-        n_head=config.n_head,
-        n_embd=config.n_embd,
-        vocab_size=config.vocab_size,
-        n_positions=config.block_size,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    reference = GPT2LMHeadModel(hf_config).eval()
-    # Random LayerNorm and bias values too, so a mixed-up mapping cannot hide behind 1s and 0s.
-    with torch.no_grad():
-        for name, param in reference.named_parameters():
-            if "ln_" in name or name.endswith("bias"):
-                param.normal_(0.0, 0.1)
+    reference = make_hf_model(config, seed)
     reference.save_pretrained(tmp_path, safe_serialization=True)
     ours = load_model(tmp_path).model
     return reference, ours

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -11,7 +10,6 @@ from fastapi import APIRouter, Request
 
 from model.tokenizer import Tokenizer
 from service.api.dependencies import AppState, StateDep
-from service.api.errors import to_api_error
 from service.api.generation import (
     StreamGroup,
     abort_all,
@@ -21,11 +19,10 @@ from service.api.generation import (
 )
 from service.api.middleware import record_usage
 from service.api.schemas import GenerateRequest, GenerateResponse, TokenLogprob, TopLogprob, Usage
-from service.api.sse import DONE, EventStreamResponse, format_event
+from service.api.sse import DONE, EventStreamResponse, error_event, format_event
 from service.engine.async_engine import RequestStream
 from service.engine.request import TokenOutput
 
-logger = logging.getLogger(__name__)
 router = APIRouter(tags=["generation"])
 
 STREAM_DOC: dict[int | str, dict[str, Any]] = {
@@ -129,10 +126,7 @@ async def _token_events(
                         event["generated_text"] = generated_text
                     yield format_event(event)
     except Exception as exc:  # the stream has started: the error becomes an event
-        err = to_api_error(exc, getattr(request.state, "request_id", None))
-        if err.status == 500:
-            logger.error("stream failed: %r", exc)
-        yield format_event(err.body())
+        yield error_event(exc, getattr(request.state, "request_id", None))
     yield DONE
 
 

@@ -7,7 +7,6 @@ choice's text (echoed prompt included).
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -18,7 +17,7 @@ from fastapi import APIRouter, Request
 
 from model.tokenizer import Tokenizer
 from service.api.dependencies import AppState, StateDep
-from service.api.errors import APIError, to_api_error
+from service.api.errors import APIError
 from service.api.generation import (
     StreamGroup,
     abort_all,
@@ -36,12 +35,11 @@ from service.api.openai_schemas import (
     ModelList,
 )
 from service.api.schemas import Usage
-from service.api.sse import DONE, EventStreamResponse, format_event
+from service.api.sse import DONE, EventStreamResponse, error_event, format_event
 from service.engine.async_engine import RequestStream
 from service.engine.errors import PromptTooLongError
 from service.engine.request import FinishReason, TokenOutput
 
-logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
@@ -207,10 +205,7 @@ async def _completion_chunks(
         if body.include_usage:
             yield chunk([], usage)
     except Exception as exc:  # the stream has started: the error becomes an event
-        err = to_api_error(exc, getattr(request.state, "request_id", None))
-        if err.status == 500:
-            logger.error("completion stream failed: %r", exc)
-        yield format_event(err.body())
+        yield error_event(exc, getattr(request.state, "request_id", None))
     yield DONE
 
 

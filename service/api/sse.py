@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -11,7 +12,18 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from service.api.disconnect import cancel_on_disconnect
-from service.api.errors import ClientDisconnectedError
+from service.api.errors import ClientDisconnectedError, to_api_error
+
+logger = logging.getLogger(__name__)
+
+
+def error_event(exc: Exception, request_id: str | None) -> str:
+    """The `data: {"error": ...}` event that ends a stream which failed after it started."""
+    err = to_api_error(exc, request_id)
+    if err.status == 500:
+        logger.error("stream %s failed: %r", request_id, exc)
+    return format_event(err.body())
+
 
 DONE = "data: [DONE]\n\n"
 KEEPALIVE = ": keep-alive\n\n"
