@@ -12,6 +12,7 @@ from model.tokenizer import GPT2_ASSETS_DIR, Tokenizer
 from service.api.settings import Settings
 from service.engine.async_engine import AsyncEngine
 from service.engine.config import EngineConfig
+from service.engine.cpu_threads import release_openmp_threads
 from service.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
@@ -89,5 +90,6 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
     else:
         tokenizer = Tokenizer.default()
     engine = LLMEngine(model, tokenizer, engine_config(settings))
+    release_openmp_threads()  # loading ran here; the steps will run on the engine thread
     default_name = BUNDLED_MODEL_NAME if settings.model is None else loaded.name
     return AsyncEngine(engine), settings.served_model_name or default_name

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from model.sampling import SamplingParams
+from service.engine.cpu_threads import release_openmp_threads
 from service.engine.errors import EngineDeadError, EngineNotReadyError
 from service.engine.llm_engine import LLMEngine
 from service.engine.params import StopParams
@@ -74,14 +75,19 @@ class AsyncEngine:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
     async def start(self, warm_up: bool = True) -> None:
-        """Warm the model up off the event loop, then start the engine thread."""
+        """Start the engine thread, which warms the model up first; returns once it is ready.
+
+        Every forward pass, the warm-up's included, runs on that one thread: a second thread
+        doing compute would give the process a second OpenMP team (see `cpu_threads`).
+        """
         self._loop = asyncio.get_running_loop()
-        if warm_up:
-            started = time.monotonic()
-            await asyncio.to_thread(self.engine.warm_up)
-            logger.info("warm-up took %.2f s", time.monotonic() - started)
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        release_openmp_threads()  # whatever this thread computed (loading), its team goes
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._run, args=(warm_up, ready), name="engine-loop", daemon=True
+        )
         self._thread.start()
+        await ready
         self.is_ready = True
 
     def submit(
@@ -131,7 +137,17 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
 
-    def _run(self) -> None:
+    def _run(self, warm_up: bool, ready: asyncio.Future[None]) -> None:
+        if warm_up:
+            started = time.monotonic()
+            try:
+                self.engine.warm_up()
+            except BaseException as exc:  # start() raises it; the loop never starts
+                self.error = exc
+                self._call_in_loop(_settle, ready, exc)
+                return
+            logger.info("warm-up took %.2f s", time.monotonic() - started)
+        self._call_in_loop(_settle, ready, None)
         try:
             while not self._stop.is_set():
                 if not self.engine.has_work():
@@ -156,3 +172,13 @@ class AsyncEngine:
     def _dispatch(events: list[tuple[Request, RequestOutput]]) -> None:
         for request, output in events:
             request.sink(output)
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    """Resolve `start()`'s future, unless its waiter has gone (a cancelled start)."""
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

@@ -1,0 +1,111 @@
+"""One OpenMP team per process: idle teams are released, and the engine computes on one thread."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+from model.sampling_params import SamplingParams
+from model.tokenizer import Tokenizer
+from service.engine.async_engine import AsyncEngine
+from service.engine.config import EngineConfig
+from service.engine.cpu_threads import _libgomp, release_openmp_threads
+from service.engine.llm_engine import LLMEngine
+from service.engine.params import StopParams
+
+
+def os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def settle(expected: int, timeout: float = 2.0) -> int:
+    """The process's thread count once it reaches `expected` (workers exit asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while os_threads() != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return os_threads()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_release_ends_the_calling_threads_openmp_workers() -> None:
+    if _libgomp() is None or torch.get_num_threads() < 2:
+        pytest.skip("torch here does not run on libgomp with 2+ threads")
+    results: dict[str, object] = {}
+    x = torch.randn(512, 512)
+
+    def work() -> None:
+        before = os_threads()
+        (x @ x).sum()  # a parallel region: this thread gets a team of workers
+        results["with_team"] = os_threads()
+        results["released"] = release_openmp_threads()
+        results["after"] = settle(before)
+        results["before"] = before
+        # The next parallel region starts a new team and computes as before.
+        results["again"] = torch.allclose(x @ x, torch.mm(x, x))
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert results["released"] is True
+    assert results["with_team"] > results["before"]  # type: ignore[operator]
+    assert results["after"] == results["before"]
+    assert results["again"] is True
+
+
+def test_release_is_a_no_op_with_one_thread() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert release_openmp_threads() is False
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_warm_up_and_steps_run_on_the_engine_thread(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    llm = LLMEngine(tiny_model, Tokenizer.default(), EngineConfig(max_batch_size=2))
+    seen: set[str] = set()
+    warm_up, step = llm.warm_up, llm.step
+
+    def recording_warm_up() -> None:
+        seen.add("warm_up@" + threading.current_thread().name)
+        warm_up()
+
+    def recording_step():  # type: ignore[no-untyped-def]
+        seen.add("step@" + threading.current_thread().name)
+        return step()
+
+    llm.warm_up = recording_warm_up  # type: ignore[method-assign]
+    llm.step = recording_step  # type: ignore[method-assign]
+
+    async def main() -> None:
+        engine = AsyncEngine(llm)
+        await engine.start(warm_up=True)
+        stream = engine.submit([1, 2], SamplingParams(temperature=0.0), StopParams(3))
+        events = [event async for event in stream]
+        assert events[-1].num_output_tokens == 3
+        await engine.shutdown()
+
+    asyncio.run(main())
+    assert seen == {"warm_up@engine-loop", "step@engine-loop"}
+
+
+def test_a_failed_warm_up_fails_start_and_reports_the_engine_dead(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    llm = LLMEngine(tiny_model, Tokenizer.default(), EngineConfig(max_batch_size=2))
+
+    def broken_warm_up() -> None:
+        raise RuntimeError("out of memory while warming up")
+
+    llm.warm_up = broken_warm_up  # type: ignore[method-assign]
+
+    async def main() -> None:
+        engine = AsyncEngine(llm)
+        with pytest.raises(RuntimeError, match="out of memory while warming up"):
+            await engine.start(warm_up=True)
+        assert not engine.is_ready and not engine.is_alive
+
+    asyncio.run(main())
