@@ -75,16 +75,8 @@ class BatchLayout:
         num_new: Sequence[int],
         max_seq_len: int,
         device: torch.device | str = "cpu",
-        *,
-        context_multiple: int = 1,
-        always_index: bool = False,
     ) -> BatchLayout:
-        """Validate a batch description and build its index tensors once for all layers.
-
-        `context_multiple` rounds the keys read up (masked), and `always_index` reads the
-        rows' slots by index even when they are consecutive: both give a compiled decode step
-        fewer distinct shapes to specialise on.
-        """
+        """Validate a batch description and build its index tensors once for all layers."""
         if not (len(slots) == len(start_pos) == len(num_new)) or not slots:
             raise ValueError("slots, start_pos and num_new must be non-empty and of equal length")
         if len(set(slots)) != len(slots):
@@ -97,7 +89,6 @@ class BatchLayout:
                 )
         width = max(num_new)
         context_len = max(s + n for s, n in zip(start_pos, num_new, strict=True))
-        context_len = min(max_seq_len, -(-context_len // context_multiple) * context_multiple)
         start = torch.tensor(start_pos, dtype=torch.long, device=device)
         count = torch.tensor(num_new, dtype=torch.long, device=device)
         cols = torch.arange(width, device=device)
@@ -108,7 +99,7 @@ class BatchLayout:
         keys = torch.arange(context_len, device=device)
         attn_mask = keys[None, None, :] <= positions[:, :, None]  # (B, T, context_len)
         first = slots[0]
-        consecutive = not always_index and list(slots) == list(range(first, first + len(slots)))
+        consecutive = list(slots) == list(range(first, first + len(slots)))
         return cls(
             positions=positions.clamp(max=max_seq_len - 1),
             write_rows=rows,

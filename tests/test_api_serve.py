@@ -91,6 +91,15 @@ def test_pick_device_and_dtype_automatically() -> None:
             loader.resolve_device("cuda")
 
 
+def test_fast_decode_only_on_cuda(caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings(fast_decode=True, max_batch_size=8)
+    assert loader.engine_config(settings, torch.device("cuda")).fast_decode is True
+    with caplog.at_level("WARNING"):
+        on_cpu = loader.engine_config(settings, torch.device("cpu"))
+    assert on_cpu.fast_decode is False and on_cpu.max_batch_size == 8
+    assert "captures CUDA graphs; on cpu it is off" in caplog.text
+
+
 # ---------------------------------------------------------------- a real `gptserve serve`
 
 

@@ -344,28 +344,3 @@ def test_abort_during_step_releases_seeded_generator(tiny_model, tokenizer, monk
     monkeypatch.setattr(engine.runner, "_run_decode", decode_then_abort)
     assert engine.step() == []
     assert engine.runner._generators == {} and not engine.has_work()
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_fast_decode_gives_the_same_greedy_tokens(tiny_model, tokenizer) -> None:
-    rng = random.Random(5)
-    cases = [
-        ([rng.randrange(50257) for _ in range(rng.randint(1, 30))], rng.randint(3, 20))
-        for _ in range(6)
-    ]
-    outputs = []
-    for fast in (False, True):
-        engine = make_engine(tiny_model, tokenizer, max_batch_size=4, fast_decode=fast)
-        requests = [
-            engine.add_request(
-                prompt, SamplingParams(temperature=0.0), StopParams(n, ignore_eos=True)
-            )
-            for prompt, n in cases
-        ]
-        run_to_completion(engine)  # batches of 4, then fewer as requests finish and join
-        outputs.append([r.output_token_ids for r in requests])
-        if fast:
-            assert engine.runner.compiled_decode is not None
-            assert engine.runner.compiled_decode.is_active  # the compiled step really ran
-    assert outputs[0] == outputs[1]

@@ -59,15 +59,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def engine_config(settings: Settings) -> EngineConfig:
-    """The engine's limits from the deployment's settings."""
+def engine_config(settings: Settings, device: torch.device) -> EngineConfig:
+    """The engine's limits from the deployment's settings (fast decode only on CUDA)."""
+    fast_decode = settings.fast_decode
+    if fast_decode and device.type != "cuda":
+        logger.warning("--fast-decode captures CUDA graphs; on %s it is off", device.type)
+        fast_decode = False
     return EngineConfig(
         max_batch_size=settings.max_batch_size,
         max_queue_size=settings.max_queue,
         max_prefill_tokens=settings.max_prefill_tokens,
         max_model_len=settings.max_model_len,
         truncate_prompt=settings.truncate_prompt,
-        fast_decode=settings.fast_decode,
+        fast_decode=fast_decode,
     )
 
 
@@ -89,7 +93,7 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
         tokenizer = Tokenizer.for_model_dir(loaded.tokenizer_dir)
     else:
         tokenizer = Tokenizer.default()
-    engine = LLMEngine(model, tokenizer, engine_config(settings))
+    engine = LLMEngine(model, tokenizer, engine_config(settings, device))
     release_openmp_threads()  # loading ran here; the steps will run on the engine thread
     default_name = BUNDLED_MODEL_NAME if settings.model is None else loaded.name
     return AsyncEngine(engine), settings.served_model_name or default_name

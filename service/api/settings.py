@@ -40,7 +40,8 @@ class Settings(BaseSettings):
     )
     fast_decode: bool = Field(
         default=False,
-        description="torch.compile the decode step (CUDA graphs on CUDA); eager if it fails",
+        description="replay the decode step as CUDA graphs at bucketed batch sizes (CUDA only); "
+        "eager if capturing fails",
     )
     max_batch_size: int = Field(
         default=32, ge=1, description="requests decoding together (KV-cache slots)"

@@ -39,8 +39,8 @@ def register(subparsers: Any) -> None:
     add(
         "--fast-decode",
         action=BOOLEAN,
-        help="torch.compile the decode step (CUDA graphs on CUDA), eager as the fallback; "
-        "compiling adds start-up time (default off)",
+        help="capture the decode step as CUDA graphs at bucketed batch sizes and replay them "
+        "(CUDA only, ignored on CPU; eager if capturing fails; default off)",
     )
     add("--max-batch-size", type=int, help="requests decoding together (default 32)")
     add("--max-queue", type=int, help="requests waiting before 429 (default 256)")

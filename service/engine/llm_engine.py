@@ -17,7 +17,6 @@ from model.gpt2 import GPT
 from model.sampling import SamplingParams
 from model.sampling_params import SamplingParamsError
 from model.tokenizer import Tokenizer
-from service.engine.compiled_decode import CONTEXT_MULTIPLE
 from service.engine.config import EngineConfig
 from service.engine.errors import (
     EngineError,
@@ -239,24 +238,17 @@ class LLMEngine:
         return [(request, request.final_output(error)) for request in live]
 
     def warm_up(self) -> None:
-        """Run short requests once, so the first real ones are not slow.
-
-        With the compiled decode step, also one lone request and a full batch that decode
-        across several key-length buckets, so compiling happens here and not under traffic.
-        """
-        rounds = [self.config.max_batch_size]
+        """Run a full batch of short requests once, so the first real ones are not slow; with
+        the fast decode path, then capture its CUDA graphs."""
         max_new = min(2, self.max_model_len - 1)
-        if self.config.fast_decode:
-            rounds = [1, self.config.max_batch_size]
-            max_new = min(2 * CONTEXT_MULTIPLE + 1, self.max_model_len - 1)
         stop = StopParams(max_new_tokens=max_new, ignore_eos=True)
         prompt = list(range(max(1, min(8, self.max_model_len - max_new))))
         listeners, self.listeners = self.listeners, []  # warm-up is not traffic: keep it out
         try:
-            for batch_size in rounds:
-                for _ in range(batch_size):
-                    self.add_request(prompt, SamplingParams(temperature=0.0), stop)
-                while self.has_work():
-                    self.step()
+            for _ in range(self.config.max_batch_size):
+                self.add_request(prompt, SamplingParams(temperature=0.0), stop)
+            while self.has_work():
+                self.step()
         finally:
             self.listeners = listeners
+        self.runner.capture_decode_graphs()

@@ -9,7 +9,7 @@ import torch
 from model.gpt2 import GPT
 from model.kv_cache import BatchLayout, KVCache
 from model.sampling import sample
-from service.engine.compiled_decode import CONTEXT_MULTIPLE, CompiledDecode
+from service.engine.decode_graphs import DecodeGraphs
 from service.engine.request import Request
 from service.engine.scheduler import SchedulerOutput
 
@@ -42,9 +42,20 @@ class ModelRunner:
         self.eos_token_id = eos_token_id
         # A checkpoint may pad its vocabulary (nanoGPT's 50304): never sample the padding.
         self.vocab_size = vocab_size or model.config.vocab_size
-        self.cache = KVCache(model.config, num_slots, max_model_len, self.device, self.dtype)
+        # The fast path pads batches with rows that write to a scratch slot nobody owns.
+        cache_slots = num_slots + 1 if fast_decode else num_slots
+        self.cache = KVCache(model.config, cache_slots, max_model_len, self.device, self.dtype)
         self._generators: dict[str, torch.Generator] = {}
-        self.compiled_decode = CompiledDecode(model) if fast_decode else None
+        self.decode_graphs = (
+            DecodeGraphs(model, self.cache, num_slots, num_slots, max_model_len)
+            if fast_decode
+            else None
+        )
+
+    def capture_decode_graphs(self) -> None:
+        """Capture the fast path's CUDA graphs (warm-up does this once, on the engine thread)."""
+        if self.decode_graphs is not None:
+            self.decode_graphs.capture()
 
     @torch.inference_mode()
     def execute(self, work: SchedulerOutput) -> dict[str, SampledToken]:
@@ -85,6 +96,12 @@ class ModelRunner:
 
     def _run_decode(self, requests: list[Request]) -> torch.Tensor:
         # Each decode row feeds the last sampled token, which is not in the cache yet.
+        if self.decode_graphs is not None and self.decode_graphs.is_active:
+            return self.decode_graphs(
+                [r.token_at(r.num_computed_tokens) for r in requests],
+                [r.slot or 0 for r in requests],
+                [r.num_computed_tokens for r in requests],
+            )
         order = sorted(range(len(requests)), key=lambda i: requests[i].slot or 0)
         ordered = [requests[i] for i in order]  # by slot, so the rows' cache is often one view
         layout = BatchLayout.build(
@@ -93,16 +110,13 @@ class ModelRunner:
             [1] * len(ordered),
             self.max_model_len,
             self.device,
-            context_multiple=CONTEXT_MULTIPLE if self.compiled_decode else 1,
-            always_index=self.compiled_decode is not None,
         )
         idx = torch.tensor(
             [[r.token_at(r.num_computed_tokens)] for r in ordered],
             dtype=torch.long,
             device=self.device,
         )  # (B, 1)
-        forward = self.compiled_decode or self.model.forward_cached
-        logits = forward(idx, self.cache, layout)  # (B, vocab), in slot order
+        logits = self.model.forward_cached(idx, self.cache, layout)  # (B, vocab), in slot order
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
         return logits[inverse.to(self.device)]
