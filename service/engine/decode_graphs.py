@@ -152,14 +152,20 @@ class DecodeGraphs:
         try:
             torch.cuda.synchronize()
             pool = torch.cuda.graph_pool_handle()
+            # Filling, the eager run and the capture all go on one side stream, in order, so
+            # per-stream library state (cuBLAS workspaces) exists before capturing begins.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
             for context in reversed(self.context_lens):
                 for batch in reversed(self.batch_sizes):
-                    self._fill([], [], [], batch)  # every row a padding row
-                    self._forward_into_buffer(batch, context)  # eager first: lazy init
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
+                    with torch.cuda.stream(stream):
+                        self._fill([], [], [], batch)  # every row a padding row
+                        self._forward_into_buffer(batch, context)
+                    with torch.cuda.graph(graph, pool=pool, stream=stream):
                         self._forward_into_buffer(batch, context)
                     self._graphs[(batch, context)] = graph
+            torch.cuda.current_stream().wait_stream(stream)
             torch.cuda.synchronize()
             logger.info(
                 "captured %d decode CUDA graphs (batch %s x keys %s)",
