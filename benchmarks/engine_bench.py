@@ -5,8 +5,9 @@ prompts, 128 greedy tokens each, end-of-text ignored; N requests submitted at on
 async engine, at several concurrency levels, and again with the batch forced to 1.
 
     python benchmarks/engine_bench.py                    # float32 on CPU, 1 / 8 / 32
+    python benchmarks/engine_bench.py --no-pack-weights  # float32, MKL for every matmul
     python benchmarks/engine_bench.py --quantization int8
-    python benchmarks/engine_bench.py --levels 1,64,256 --device cuda --dtype bfloat16
+    python benchmarks/engine_bench.py --levels 1,64,256 --device cuda --dtype bfloat16 [--fast-decode]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from model.config import GPTConfig
 from model.gpt2 import GPT
+from model.packed_linear import pack_linears
 from model.quantize import QUANTIZATIONS, apply_quantization
 from model.sampling_params import SamplingParams
 from model.tokenizer import Tokenizer
@@ -77,6 +79,8 @@ async def bench(args: argparse.Namespace) -> list[tuple[str, int, dict[str, floa
     config = GPTConfig.from_preset(args.model)
     model = GPT(config).init_weights(0).eval().to(device=device, dtype=DTYPES[args.dtype])
     model = apply_quantization(model, args.quantization)
+    if args.pack_weights:
+        pack_linears(model)  # as `gptserve serve` does by default on CPU
     tokenizer = Tokenizer.default()
     rows = []
     for label, batch_cap in (("batched", None), ("batch=1", 1)):
@@ -106,7 +110,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--quantization", default="none", choices=QUANTIZATIONS)
-    parser.add_argument("--fast-decode", action="store_true", help="compiled decode step")
+    parser.add_argument(
+        "--pack-weights",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CPU, unquantized: oneDNN-packed linear weights, as the server's default",
+    )
+    parser.add_argument("--fast-decode", action="store_true", help="decode CUDA graphs")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--max-prefill-tokens", type=int, default=512)
@@ -114,11 +124,13 @@ def main() -> None:
     parser.add_argument("--full-baseline", action="store_true", help="batch=1 at every level")
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
+    args.pack_weights = args.pack_weights and args.quantization == "none" and args.device == "cpu"
     if args.threads:
         torch.set_num_threads(args.threads)
     print(
         f"# {args.model} random weights, {args.dtype} on {args.device}, "
-        f"quantization {args.quantization}, fast decode {args.fast_decode} "
+        f"quantization {args.quantization}, packed weights {args.pack_weights}, "
+        f"fast decode {args.fast_decode} "
         f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
         f"torch {torch.__version__}; {args.prompt_tokens}-token prompts, "
         f"{args.new_tokens} greedy tokens, eos ignored"

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from model.loading import load_model
+from model.packed_linear import PACKABLE_DTYPES, pack_linears, packing_available
 from model.quantize import apply_quantization
 from model.tokenizer import GPT2_ASSETS_DIR, Tokenizer
 from service.api.settings import Settings
@@ -89,6 +90,11 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
                 f"--quantization {settings.quantization} needs --device cpu and float32"
             )
         model = apply_quantization(model, settings.quantization)
+    elif settings.pack_weights and device.type == "cpu" and dtype in PACKABLE_DTYPES:
+        if packing_available():
+            pack_linears(model)
+        else:
+            logger.warning("this torch build has no oneDNN linear ops; weights stay unpacked")
     if loaded.tokenizer_dir is not None:
         tokenizer = Tokenizer.for_model_dir(loaded.tokenizer_dir)
     else:

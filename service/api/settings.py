@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     quantization: Literal["none", "int8"] = Field(
         default="none", description="int8: int8 linear weights (CPU float32 only), faster decoding"
     )
+    pack_weights: bool = Field(
+        default=True,
+        description="CPU: also keep the linear weights in oneDNN's packed layout, for steps of "
+        "4+ rows (faster batched decoding; a second copy of the weights in memory)",
+    )
     fast_decode: bool = Field(
         default=False,
         description="replay the decode step as CUDA graphs at bucketed batch sizes (CUDA only); "

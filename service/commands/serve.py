@@ -37,6 +37,13 @@ def register(subparsers: Any) -> None:
         "logits no longer bit-exact); default none",
     )
     add(
+        "--pack-weights",
+        action=BOOLEAN,
+        help="CPU (float32/bfloat16, unquantized): keep a oneDNN-packed copy of the linear "
+        "weights for steps of 4+ rows; ~1.7x faster decoding at 4-16 concurrent, costs a second "
+        "copy of the weights (default on)",
+    )
+    add(
         "--fast-decode",
         action=BOOLEAN,
         help="capture the decode step as CUDA graphs at bucketed batch sizes and replay them "

@@ -1,0 +1,110 @@
+"""oneDNN-packed linear weights: same logits, same parameters, the packed path really used."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_model
+from model.generate import generate
+from model.gpt2 import GPT
+from model.packed_linear import PACKED_MIN_ROWS, PackedLinear, pack_linears, packing_available
+from model.sampling_params import SamplingParams
+from model.tokenizer import Tokenizer
+from service.engine.config import EngineConfig
+from service.engine.llm_engine import LLMEngine
+from service.engine.params import StopParams
+
+pytestmark = pytest.mark.skipif(not packing_available(), reason="torch without oneDNN")
+
+
+@pytest.fixture()
+def pair() -> tuple[GPT, GPT]:
+    """A packed model and an unpacked copy of the same weights."""
+    packed, plain = make_model(seed=3), make_model(seed=3)
+    pack_linears(packed)
+    return packed, plain
+
+
+def test_packing_keeps_parameters_names_and_tying(pair: tuple[GPT, GPT]) -> None:
+    packed, plain = pair
+    linears = [m for m in packed.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(isinstance(m, PackedLinear) for m in linears)
+    assert len(linears) == 4 * packed.config.n_layer + 1  # 4 per block, and the head
+    assert packed.lm_head.weight is packed.transformer.wte.weight
+    assert list(packed.state_dict()) == list(plain.state_dict())
+    for (name, a), (_, b) in zip(
+        packed.state_dict().items(), plain.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert pack_linears(packed) == 0  # packing twice adds nothing
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 32, 100])
+def test_packed_logits_match_the_plain_ones(pair: tuple[GPT, GPT], rows: int) -> None:
+    packed, plain = pair
+    idx = torch.randint(0, 50257, (1, rows), generator=torch.Generator().manual_seed(rows))
+    with torch.inference_mode():
+        expected, got = plain(idx), packed(idx)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_path_is_taken_from_min_rows_on(pair: tuple[GPT, GPT], monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    packed, _ = pair
+    calls: list[int] = []
+    original = torch.ops.mkldnn._linear_pointwise
+
+    def counting(x, *args):  # type: ignore[no-untyped-def]
+        calls.append(x.shape[0])
+        return original(x, *args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counting)
+    head = packed.lm_head
+    with torch.inference_mode():
+        head(torch.randn(PACKED_MIN_ROWS - 1, packed.config.n_embd))
+        assert calls == []
+        head(torch.randn(2, PACKED_MIN_ROWS, packed.config.n_embd))
+        assert calls == [2 * PACKED_MIN_ROWS]
+        head(torch.randn(64, packed.config.n_embd))
+        assert calls == [2 * PACKED_MIN_ROWS, 64]
+    # With autograd on (training), the plain weight is used: oneDNN's op has no backward.
+    head(torch.randn(8, packed.config.n_embd)).sum().backward()
+    assert calls == [2 * PACKED_MIN_ROWS, 64]
+
+
+def test_engine_with_packed_weights_gives_the_reference_tokens(pair: tuple[GPT, GPT]) -> None:
+    packed, plain = pair
+    engine = LLMEngine(packed, Tokenizer.default(), EngineConfig(max_batch_size=8))
+    prompts = [[i + 1, i + 2, i + 3] for i in range(6)]
+    requests = [
+        engine.add_request(p, SamplingParams(temperature=0.0), StopParams(10, ignore_eos=True))
+        for p in prompts
+    ]
+    while engine.has_work():
+        engine.step()
+    for prompt, request in zip(prompts, requests, strict=True):
+        assert request.output_token_ids == generate(plain, prompt, 10)
+
+
+def test_only_cpu_float_models_are_packed() -> None:
+    model = make_model().to(torch.float64)
+    with pytest.raises(ValueError, match="CPU float32/bfloat16"):
+        pack_linears(model)
+
+
+def test_serve_packs_cpu_weights_unless_told_not_to(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from model.loading import save_checkpoint
+    from service.api.loader import load_engine
+    from service.api.settings import Settings
+
+    save_checkpoint(make_model(), tmp_path)
+
+    def linear_types(settings: Settings) -> set[type]:
+        engine, _ = load_engine(settings)
+        return {type(m) for m in engine.engine.model.modules()}
+
+    assert PackedLinear in linear_types(Settings(model=str(tmp_path)))
+    unpacked = linear_types(Settings(model=str(tmp_path), pack_weights=False))
+    assert nn.Linear in unpacked and PackedLinear not in unpacked
+    assert PackedLinear not in linear_types(Settings(model=str(tmp_path), quantization="int8"))
