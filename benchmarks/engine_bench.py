@@ -124,7 +124,10 @@ def main() -> None:
     parser.add_argument("--full-baseline", action="store_true", help="batch=1 at every level")
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
-    args.pack_weights = args.pack_weights and args.quantization == "none" and args.device == "cpu"
+    on_cpu = args.device == "cpu"
+    args.pack_weights &= on_cpu and args.dtype == "float32" and args.quantization == "none"
+    if args.fast_decode and on_cpu:
+        print("# note: on CPU --fast-decode only pads to its buckets (no CUDA graphs)")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(

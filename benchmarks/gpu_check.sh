@@ -7,8 +7,8 @@
 # 1. The CUDA tests: loading onto the GPU, and the decode CUDA graphs giving eager's greedy tokens.
 # 2. The engine benchmark of issue #3 on the GPU: gpt2 (random weights) in bfloat16 at 1, 64 and
 #    256 concurrent requests, eager and with --fast-decode (CUDA graphs).
-# Needs only torch, tiktoken, safetensors, numpy, tqdm and pytest (+ transformers for the loading
-# test): the engine imports no FastAPI. Writes the tables to $OUT when that is set.
+# Needs only torch, tiktoken, safetensors, numpy, tqdm, pytest and transformers (the tests'
+# conftest imports it): the engine imports no FastAPI. Writes the outputs to $OUT when set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -7,8 +7,10 @@ gpt2 decode step (float32) went from 38 to 25 ms at batch 4, 53 to 30 ms at batc
 57 ms at batch 32; prompt chunks got 10% faster. At 1-3 rows MKL's matrix-vector kernels are
 faster, so those keep the plain weight.
 
-The packed copy costs a second copy of every linear weight (the tied head's included). It is
-made from the weights as they are when `pack_linears` runs: pack after loading, not before.
+The packed copy costs a second copy of every linear weight (the tied head's included). Should a
+weight change after packing (a reload, an in-place update), the next call packs it again.
+Float32 only: oneDNN's bfloat16 path needs AVX-512 or AVX-NE-CONVERT, which not every CPU has.
+oneDNN builds a kernel for each new row count (about 0.5-1 ms, once per layer shape, cached).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 PACKED_MIN_ROWS = 4  # below this many rows MKL's matrix-vector path wins (see the docstring)
 PACK_BATCH_HINT = 32  # the row count oneDNN tunes the blocked layout for
-PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+PACKABLE_DTYPES = (torch.float32,)
 
 
 def packing_available() -> bool:
@@ -42,6 +44,7 @@ class PackedLinear(nn.Linear):
 
     packed_weight: torch.Tensor
     min_rows: int
+    _packed_from: tuple[int, int]  # the weight's (data_ptr, version) when it was packed
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, min_rows: int = PACKED_MIN_ROWS) -> PackedLinear:
@@ -52,16 +55,25 @@ class PackedLinear(nn.Linear):
         packed.weight = linear.weight
         packed.register_parameter("bias", linear.bias)
         packed.min_rows = min_rows
-        packed.packed_weight = torch.ops.mkldnn._reorder_linear_weight(
-            linear.weight.detach(), PACK_BATCH_HINT
-        )
+        packed.repack()
         return packed
+
+    def _weight_state(self) -> tuple[int, int]:
+        return self.weight.data_ptr(), self.weight._version
+
+    def repack(self) -> None:
+        """Pack the weight as it is now."""
+        weight = self.weight.detach()
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
+        self._packed_from = self._weight_state()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) -> (..., out_features)."""
         rows = x.numel() // self.in_features
         if rows < self.min_rows or torch.is_grad_enabled():  # oneDNN's op has no backward
             return F.linear(x, self.weight, self.bias)
+        if self._weight_state() != self._packed_from:  # loaded or updated since packing
+            self.repack()
         flat = x.reshape(rows, self.in_features)
         out = torch.ops.mkldnn._linear_pointwise(
             flat, self.packed_weight, self.bias, "none", [], ""
@@ -87,7 +99,7 @@ def pack_linears(model: nn.Module, min_rows: int = PACKED_MIN_ROWS) -> int:
         weight = linear.weight
         if weight.device.type != "cpu" or weight.dtype not in PACKABLE_DTYPES:
             raise ValueError(
-                f"packed weights are for CPU float32/bfloat16 models, got {name}.weight on "
+                f"packed weights are for CPU float32 models, got {name}.weight on "
                 f"{weight.device} as {weight.dtype}"
             )
     added = 0

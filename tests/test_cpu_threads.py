@@ -15,6 +15,7 @@ from model.tokenizer import Tokenizer
 from service.engine.async_engine import AsyncEngine
 from service.engine.config import EngineConfig
 from service.engine.cpu_threads import _libgomp, release_openmp_threads
+from service.engine.errors import EngineDeadError, EngineNotReadyError, StepFailedError
 from service.engine.llm_engine import LLMEngine
 from service.engine.params import StopParams
 
@@ -37,6 +38,7 @@ def test_release_ends_the_calling_threads_openmp_workers() -> None:
         pytest.skip("torch here does not run on libgomp with 2+ threads")
     results: dict[str, object] = {}
     x = torch.randn(512, 512)
+    expected = (x.double() @ x.double()).float()
 
     def work() -> None:
         before = os_threads()
@@ -46,7 +48,7 @@ def test_release_ends_the_calling_threads_openmp_workers() -> None:
         results["after"] = settle(before)
         results["before"] = before
         # The next parallel region starts a new team and computes as before.
-        results["again"] = torch.allclose(x @ x, torch.mm(x, x))
+        results["again"] = torch.allclose(x @ x, expected, rtol=1e-4, atol=1e-3)
 
     thread = threading.Thread(target=work)
     thread.start()
@@ -94,18 +96,87 @@ def test_warm_up_and_steps_run_on_the_engine_thread(tiny_model) -> None:  # type
     assert seen == {"warm_up@engine-loop", "step@engine-loop"}
 
 
-def test_a_failed_warm_up_fails_start_and_reports_the_engine_dead(tiny_model) -> None:  # type: ignore[no-untyped-def]
+def test_a_failed_warm_up_step_fails_start_and_reports_the_engine_dead(tiny_model) -> None:  # type: ignore[no-untyped-def]
     llm = LLMEngine(tiny_model, Tokenizer.default(), EngineConfig(max_batch_size=2))
 
-    def broken_warm_up() -> None:
+    def broken_execute(work):  # type: ignore[no-untyped-def]
         raise RuntimeError("out of memory while warming up")
 
-    llm.warm_up = broken_warm_up  # type: ignore[method-assign]
+    llm.runner.execute = broken_execute  # type: ignore[method-assign]
 
     async def main() -> None:
         engine = AsyncEngine(llm)
-        with pytest.raises(RuntimeError, match="out of memory while warming up"):
+        with pytest.raises(StepFailedError, match="out of memory while warming up"):
             await engine.start(warm_up=True)
         assert not engine.is_ready and not engine.is_alive
+        assert not llm.has_work()  # the warm-up requests are gone, their slots free
+        with pytest.raises(EngineDeadError):
+            engine.submit([1], SamplingParams(), StopParams(2))
 
     asyncio.run(main())
+
+
+def gated_warm_up(llm: LLMEngine) -> tuple[threading.Event, threading.Event]:
+    """Make `llm.warm_up` wait for a gate; returns (started, gate)."""
+    started, gate = threading.Event(), threading.Event()
+    warm_up = llm.warm_up
+
+    def waiting_warm_up() -> None:
+        started.set()
+        gate.wait(10)
+        warm_up()
+
+    llm.warm_up = waiting_warm_up  # type: ignore[method-assign]
+    return started, gate
+
+
+def test_shutdown_during_warm_up_fails_start(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    llm = LLMEngine(tiny_model, Tokenizer.default(), EngineConfig(max_batch_size=2))
+    started, gate = gated_warm_up(llm)
+
+    async def main() -> None:
+        engine = AsyncEngine(llm)
+        starting = asyncio.ensure_future(engine.start(warm_up=True))
+        assert await asyncio.to_thread(started.wait, 10)
+        stopping = asyncio.ensure_future(engine.shutdown())
+        await asyncio.sleep(0.05)
+        gate.set()
+        await stopping
+        with pytest.raises(EngineNotReadyError, match="shut down while it was starting"):
+            await starting
+        assert not engine.is_ready and not engine.is_alive and engine.error is None
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_start_leaves_an_engine_that_shuts_down(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    llm = LLMEngine(tiny_model, Tokenizer.default(), EngineConfig(max_batch_size=2))
+    started, gate = gated_warm_up(llm)
+
+    async def main() -> None:
+        engine = AsyncEngine(llm)
+        starting = asyncio.ensure_future(engine.start(warm_up=True))
+        assert await asyncio.to_thread(started.wait, 10)
+        starting.cancel()
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        assert not engine.is_ready
+        await engine.shutdown()
+        assert not engine.is_alive and engine.error is None
+
+    asyncio.run(main())
+
+
+def test_without_warm_up_the_decode_graphs_are_still_prepared(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    llm = LLMEngine(tiny_model, Tokenizer.default(), EngineConfig(max_batch_size=2))
+    calls: list[str] = []
+    llm.runner.capture_decode_graphs = lambda: calls.append(threading.current_thread().name)  # type: ignore[method-assign]
+
+    async def main() -> None:
+        engine = AsyncEngine(llm)
+        await engine.start(warm_up=False)
+        await engine.shutdown()
+
+    asyncio.run(main())
+    assert calls == ["engine-loop"]

@@ -10,7 +10,7 @@ import torch
 from conftest import make_model
 from model.generate import generate
 from model.gpt2 import GPT
-from model.kv_cache import KVCache
+from model.kv_cache import BatchLayout, KVCache
 from model.sampling_params import SamplingParams
 from model.tokenizer import Tokenizer
 from service.engine.config import EngineConfig
@@ -96,12 +96,26 @@ def test_padding_rows_write_only_the_scratch_slot(tiny_model: GPT) -> None:
     cache = KVCache(tiny_model.config, num_slots=5, max_seq_len=32)
     graphs = DecodeGraphs(tiny_model, cache, scratch_slot=4, max_batch_size=4, max_model_len=32)
     logits = graphs([11, 12, 13], [2, 0, 3], [5, 0, 7])  # 3 rows padded to 4
-    assert logits.shape == (3, tiny_model.config.vocab_size)
-    written = cache.k[0].abs().sum(dim=(1, 3)) != 0  # (slot, position) holding a key
+    # The same rows through the plain eager step on a fresh cache: the same logits.
+    eager_cache = KVCache(tiny_model.config, num_slots=5, max_seq_len=32)
+    layout = BatchLayout.build([2, 0, 3], [5, 0, 7], [1, 1, 1], 32)
+    with torch.inference_mode():
+        expected = tiny_model.forward_cached(torch.tensor([[11], [12], [13]]), eager_cache, layout)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    written = cache.k.abs().sum(dim=(0, 2, 4)) != 0  # (slot, position) holding a key
     expected = torch.zeros_like(written)
     for slot, position in ((2, 5), (0, 0), (3, 7), (4, 0)):  # slot 1 untouched
         expected[slot, position] = True
     assert torch.equal(written, expected)
+
+
+def test_rows_must_own_distinct_real_slots(tiny_model: GPT) -> None:
+    cache = KVCache(tiny_model.config, num_slots=3, max_seq_len=32)
+    graphs = DecodeGraphs(tiny_model, cache, scratch_slot=2, max_batch_size=2, max_model_len=32)
+    with pytest.raises(ValueError, match="distinct slots"):
+        graphs([1, 2], [0, 0], [3, 4])
+    with pytest.raises(ValueError, match="other than the scratch one"):
+        graphs([1], [2], [3])
 
 
 def test_failed_capture_falls_back_to_the_eager_step(tiny_model: GPT, tokenizer) -> None:  # type: ignore[no-untyped-def]

@@ -87,10 +87,23 @@ def test_engine_with_packed_weights_gives_the_reference_tokens(pair: tuple[GPT, 
         assert request.output_token_ids == generate(plain, prompt, 10)
 
 
-def test_only_cpu_float_models_are_packed() -> None:
-    model = make_model().to(torch.float64)
-    with pytest.raises(ValueError, match="CPU float32/bfloat16"):
+def test_a_weight_changed_after_packing_is_packed_again(pair: tuple[GPT, GPT]) -> None:
+    packed, plain = pair
+    fresh = make_model(seed=4)
+    packed.load_state_dict(fresh.state_dict())  # copy_ into the packed model's parameters
+    idx = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        got, expected, old = packed(idx), fresh(idx), plain(idx)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_only_cpu_float32_models_are_packed(dtype: torch.dtype) -> None:
+    model = make_model().to(dtype)
+    with pytest.raises(ValueError, match="CPU float32 models"):
         pack_linears(model)
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())  # all or nothing
 
 
 def test_serve_packs_cpu_weights_unless_told_not_to(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -104,7 +117,9 @@ def test_serve_packs_cpu_weights_unless_told_not_to(tmp_path) -> None:  # type: 
         engine, _ = load_engine(settings)
         return {type(m) for m in engine.engine.model.modules()}
 
-    assert PackedLinear in linear_types(Settings(model=str(tmp_path)))
-    unpacked = linear_types(Settings(model=str(tmp_path), pack_weights=False))
+    on_cpu = {"model": str(tmp_path), "device": "cpu"}
+    assert PackedLinear in linear_types(Settings(**on_cpu))
+    unpacked = linear_types(Settings(**on_cpu, pack_weights=False))
     assert nn.Linear in unpacked and PackedLinear not in unpacked
-    assert PackedLinear not in linear_types(Settings(model=str(tmp_path), quantization="int8"))
+    assert PackedLinear not in linear_types(Settings(**on_cpu, quantization="int8"))
+    assert PackedLinear not in linear_types(Settings(**on_cpu, dtype="bfloat16"))

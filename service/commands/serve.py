@@ -39,7 +39,7 @@ def register(subparsers: Any) -> None:
     add(
         "--pack-weights",
         action=BOOLEAN,
-        help="CPU (float32/bfloat16, unquantized): keep a oneDNN-packed copy of the linear "
+        help="CPU (float32, unquantized): keep a oneDNN-packed copy of the linear "
         "weights for steps of 4+ rows; ~1.7x faster decoding at 4-16 concurrent, costs a second "
         "copy of the weights (default on)",
     )

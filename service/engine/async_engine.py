@@ -8,6 +8,7 @@ loop in one `call_soon_threadsafe`, where they go into each request's queue.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -78,16 +79,19 @@ class AsyncEngine:
         """Start the engine thread, which warms the model up first; returns once it is ready.
 
         Every forward pass, the warm-up's included, runs on that one thread: a second thread
-        doing compute would give the process a second OpenMP team (see `cpu_threads`).
+        doing compute would give the process a second OpenMP team (see `cpu_threads`). Raises
+        what the warm-up raised, or EngineNotReadyError if `shutdown()` came first.
         """
         self._loop = asyncio.get_running_loop()
         release_openmp_threads()  # whatever this thread computed (loading), its team goes
-        ready: asyncio.Future[None] = self._loop.create_future()
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(
             target=self._run, args=(warm_up, ready), name="engine-loop", daemon=True
         )
         self._thread.start()
-        await ready
+        await asyncio.wrap_future(ready)
+        if self._stop.is_set():
+            raise EngineNotReadyError("the engine was shut down while it was starting")
         self.is_ready = True
 
     def submit(
@@ -137,17 +141,24 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
 
-    def _run(self, warm_up: bool, ready: asyncio.Future[None]) -> None:
-        if warm_up:
+    def _run(self, warm_up: bool, ready: concurrent.futures.Future[None]) -> None:
+        # Once running, the future cannot be cancelled (a cancelled start() just stops waiting).
+        waited_for = ready.set_running_or_notify_cancel()
+        try:
             started = time.monotonic()
-            try:
+            if warm_up:
                 self.engine.warm_up()
-            except BaseException as exc:  # start() raises it; the loop never starts
-                self.error = exc
-                self._call_in_loop(_settle, ready, exc)
-                return
-            logger.info("warm-up took %.2f s", time.monotonic() - started)
-        self._call_in_loop(_settle, ready, None)
+                logger.info("warm-up took %.2f s", time.monotonic() - started)
+            else:
+                self.engine.capture_decode_graphs()
+        except BaseException as exc:  # start() raises it; the loop never starts
+            logger.exception("the engine failed to warm up")
+            self.error = exc
+            if waited_for:
+                ready.set_exception(exc)
+            return
+        if waited_for:
+            ready.set_result(None)
         try:
             while not self._stop.is_set():
                 if not self.engine.has_work():
@@ -172,13 +183,3 @@ class AsyncEngine:
     def _dispatch(events: list[tuple[Request, RequestOutput]]) -> None:
         for request, output in events:
             request.sink(output)
-
-
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    """Resolve `start()`'s future, unless its waiter has gone (a cancelled start)."""
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)

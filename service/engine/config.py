@@ -14,7 +14,7 @@ class EngineConfig:
     max_prefill_tokens: int = 512  # prompt tokens per step, so long prompts are chunked
     max_model_len: int | None = None  # context window; None = the model's positions
     truncate_prompt: bool = False  # left-truncate prompts that do not fit instead of failing
-    fast_decode: bool = False  # torch.compile the decode step (CUDA graphs on CUDA)
+    fast_decode: bool = False  # decode at bucketed shapes, replayed as CUDA graphs on CUDA
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_prefill_tokens"):

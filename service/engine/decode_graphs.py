@@ -129,6 +129,8 @@ class DecodeGraphs:
         self, token_ids: list[int], slots: list[int], positions: list[int], batch: int
     ) -> None:
         """Copy a step's rows into the static buffers, padding rows up to `batch`."""
+        if len(set(slots)) != len(slots) or self.scratch_slot in slots:
+            raise ValueError(f"decode rows need distinct slots other than the scratch one: {slots}")
         pad = batch - len(token_ids)
         host = torch.tensor(
             [
@@ -147,7 +149,7 @@ class DecodeGraphs:
         Largest first, all in one memory pool, so the smaller graphs reuse the larger ones'
         memory. On failure the fast path turns itself off and the eager step is used.
         """
-        if not self.use_cuda_graphs or not self.is_active:
+        if not self.use_cuda_graphs or not self.is_active or self._graphs:
             return
         try:
             torch.cuda.synchronize()
@@ -162,7 +164,10 @@ class DecodeGraphs:
                     with torch.cuda.stream(stream):
                         self._fill([], [], [], batch)  # every row a padding row
                         self._forward_into_buffer(batch, context)
-                    with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    # thread_local: the HTTP thread may run while this one captures.
+                    with torch.cuda.graph(
+                        graph, pool=pool, stream=stream, capture_error_mode="thread_local"
+                    ):
                         self._forward_into_buffer(batch, context)
                     self._graphs[(batch, context)] = graph
             torch.cuda.current_stream().wait_stream(stream)

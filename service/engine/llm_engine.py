@@ -238,17 +238,25 @@ class LLMEngine:
         return [(request, request.final_output(error)) for request in live]
 
     def warm_up(self) -> None:
-        """Run a full batch of short requests once, so the first real ones are not slow; with
-        the fast decode path, then capture its CUDA graphs."""
+        """Run a full batch of short requests once, so the first real ones are not slow, then
+        capture the fast decode path's CUDA graphs; raises the first step failure it met."""
         max_new = min(2, self.max_model_len - 1)
         stop = StopParams(max_new_tokens=max_new, ignore_eos=True)
         prompt = list(range(max(1, min(8, self.max_model_len - max_new))))
         listeners, self.listeners = self.listeners, []  # warm-up is not traffic: keep it out
+        error: EngineError | None = None
         try:
             for _ in range(self.config.max_batch_size):
                 self.add_request(prompt, SamplingParams(temperature=0.0), stop)
             while self.has_work():
-                self.step()
+                for _, event in self.step():
+                    error = error or event.error
         finally:
             self.listeners = listeners
+        if error is not None:
+            raise error
+        self.capture_decode_graphs()
+
+    def capture_decode_graphs(self) -> None:
+        """With the fast decode path, capture its CUDA graphs (once; on the engine thread)."""
         self.runner.capture_decode_graphs()
