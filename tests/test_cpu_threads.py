@@ -116,8 +116,9 @@ def test_a_failed_warm_up_step_fails_start_and_reports_the_engine_dead(tiny_mode
     asyncio.run(main())
 
 
-def gated_warm_up(llm: LLMEngine) -> tuple[threading.Event, threading.Event]:
-    """Make `llm.warm_up` wait for a gate; returns (started, gate)."""
+async def start_held_in_warm_up(model) -> tuple[AsyncEngine, asyncio.Future, threading.Event]:  # type: ignore[no-untyped-def]
+    """An engine whose start() is under way, its warm-up waiting for the returned gate."""
+    llm = LLMEngine(model, Tokenizer.default(), EngineConfig(max_batch_size=2))
     started, gate = threading.Event(), threading.Event()
     warm_up = llm.warm_up
 
@@ -127,17 +128,15 @@ def gated_warm_up(llm: LLMEngine) -> tuple[threading.Event, threading.Event]:
         warm_up()
 
     llm.warm_up = waiting_warm_up  # type: ignore[method-assign]
-    return started, gate
+    engine = AsyncEngine(llm)
+    starting = asyncio.ensure_future(engine.start(warm_up=True))
+    assert await asyncio.to_thread(started.wait, 10)
+    return engine, starting, gate
 
 
 def test_shutdown_during_warm_up_fails_start(tiny_model) -> None:  # type: ignore[no-untyped-def]
-    llm = LLMEngine(tiny_model, Tokenizer.default(), EngineConfig(max_batch_size=2))
-    started, gate = gated_warm_up(llm)
-
     async def main() -> None:
-        engine = AsyncEngine(llm)
-        starting = asyncio.ensure_future(engine.start(warm_up=True))
-        assert await asyncio.to_thread(started.wait, 10)
+        engine, starting, gate = await start_held_in_warm_up(tiny_model)
         stopping = asyncio.ensure_future(engine.shutdown())
         await asyncio.sleep(0.05)
         gate.set()
@@ -150,13 +149,8 @@ def test_shutdown_during_warm_up_fails_start(tiny_model) -> None:  # type: ignor
 
 
 def test_a_cancelled_start_leaves_an_engine_that_shuts_down(tiny_model) -> None:  # type: ignore[no-untyped-def]
-    llm = LLMEngine(tiny_model, Tokenizer.default(), EngineConfig(max_batch_size=2))
-    started, gate = gated_warm_up(llm)
-
     async def main() -> None:
-        engine = AsyncEngine(llm)
-        starting = asyncio.ensure_future(engine.start(warm_up=True))
-        assert await asyncio.to_thread(started.wait, 10)
+        engine, starting, gate = await start_held_in_warm_up(tiny_model)
         starting.cancel()
         gate.set()
         with pytest.raises(asyncio.CancelledError):

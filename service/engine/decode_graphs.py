@@ -12,7 +12,8 @@ holds one slot more than the batch), so they never touch a real request's keys a
 
 Without capture (on the CPU, or when capturing fails) the same padded step runs eagerly, which
 is how the bucketing and padding are tested on machines without a GPU. If capturing or replaying
-fails, the runner goes back to the plain eager step for good.
+fails, the runner goes back to the plain eager step for good. Part of the runner: only
+`runner.py` uses it.
 """
 
 from __future__ import annotations
