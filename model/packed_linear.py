@@ -85,7 +85,8 @@ def pack_linears(model: nn.Module, min_rows: int = PACKED_MIN_ROWS) -> int:
     """Replace every nn.Linear of `model` by a PackedLinear in place; returns the bytes added.
 
     Tied weights stay tied (the head shares the embedding's parameter as before). Raises
-    ValueError for weights that are not on the CPU in float32 or bfloat16, or without oneDNN.
+    ValueError, before changing anything, for weights that are not CPU float32, or without
+    oneDNN.
     """
     if not packing_available():
         raise ValueError("this torch build has no oneDNN (mkldnn) linear ops to pack weights for")

@@ -30,24 +30,24 @@ logger = logging.getLogger(__name__)
 MIN_CONTEXT_BUCKET = 64
 
 
-def batch_buckets(max_batch_size: int) -> list[int]:
-    """Padded batch sizes: powers of two below `max_batch_size`, then `max_batch_size`."""
+def doubling_buckets(smallest: int, largest: int) -> list[int]:
+    """`smallest`, doubling while below `largest`, then `largest` itself."""
     sizes = []
-    size = 1
-    while size < max_batch_size:
+    size = smallest
+    while size < largest:
         sizes.append(size)
         size *= 2
-    return [*sizes, max_batch_size]
+    return [*sizes, largest]
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """Padded batch sizes: 1, 2, 4, ... below `max_batch_size`, then `max_batch_size`."""
+    return doubling_buckets(1, max_batch_size)
 
 
 def context_buckets(max_model_len: int, smallest: int = MIN_CONTEXT_BUCKET) -> list[int]:
     """Key lengths read: `smallest` doubling below the context window, then the window."""
-    sizes = []
-    size = smallest
-    while size < max_model_len:
-        sizes.append(size)
-        size *= 2
-    return [*sizes, max_model_len]
+    return doubling_buckets(smallest, max_model_len)
 
 
 def bucket_for(value: int, buckets: list[int]) -> int:
