@@ -12,7 +12,7 @@ import torch
 
 from model.gpt2 import GPT
 from model.kv_cache import BatchLayout, KVCache
-from model.sampling import SamplingParams, sample
+from model.sampling import SamplingParams, SamplingState, sample
 
 
 @torch.no_grad()
@@ -36,9 +36,7 @@ def generate(
         )
     device, dtype = model.device, model.dtype
     cache = KVCache(model.config, num_slots=1, max_seq_len=total, device=device, dtype=dtype)
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
+    state = SamplingState.create(params, model.config.vocab_size, prompt, device)
 
     output: list[int] = []
     new_tokens = prompt
@@ -47,8 +45,8 @@ def generate(
         layout = BatchLayout.build([0], [start], [len(new_tokens)], total, device)
         idx = torch.tensor([new_tokens], dtype=torch.long, device=device)  # (1, T)
         logits = model.forward_cached(idx, cache, layout)  # (1, vocab)
-        result = sample(logits, [params], [generator], [output], [prompt])
-        token = int(result.token_ids[0])
+        token = int(sample(logits, [state]).token_ids[0])
+        state.record(token)
         output.append(token)
         if token == eos_token_id:
             break

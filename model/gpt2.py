@@ -173,6 +173,22 @@ class GPT(nn.Module):
             x = block(x)
         return self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
 
+    def hidden_cached(self, idx: torch.Tensor, cache: KVCache, layout: BatchLayout) -> torch.Tensor:
+        """Run new tokens of several cache slots at once, reading and extending the cache.
+
+        idx (B, T) holds each row's new tokens left-aligned (padding after them is ignored).
+        Returns the final LayerNorm's output for every column (B, T, C); `logits` turns the
+        columns that are needed into logits.
+        """
+        x = self._embed(idx, layout.positions)  # (B, T, C)
+        for layer, block in enumerate(self.transformer.blocks):
+            x = block(x, layer, cache, layout)
+        return self.transformer.ln_f(x)  # (B, T, C)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head: final hidden states (..., C) -> logits (..., vocab)."""
+        return self.lm_head(hidden)
+
     def forward_cached(
         self,
         idx: torch.Tensor,
@@ -180,15 +196,9 @@ class GPT(nn.Module):
         layout: BatchLayout,
         all_logits: bool = False,
     ) -> torch.Tensor:
-        """Run new tokens of several cache slots at once, reading and extending the cache.
-
-        idx (B, T) holds each row's new tokens left-aligned (padding after them is ignored).
-        Returns the logits of each row's last real token (B, vocab), or of every column
-        (B, T, vocab) with `all_logits`.
-        """
-        x = self._embed(idx, layout.positions)  # (B, T, C)
-        for layer, block in enumerate(self.transformer.blocks):
-            x = block(x, layer, cache, layout)
+        """`hidden_cached`, then the logits of each row's last real token (B, vocab), or of
+        every column (B, T, vocab) with `all_logits`."""
+        x = self.hidden_cached(idx, cache, layout)  # (B, T, C)
         if not all_logits:
             x = x[torch.arange(x.shape[0], device=x.device), layout.last_index]  # (B, C)
-        return self.lm_head(self.transformer.ln_f(x))  # (B, vocab) or (B, T, vocab)
+        return self.lm_head(x)  # (B, vocab) or (B, T, vocab)

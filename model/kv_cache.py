@@ -42,6 +42,13 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, S, nh, M, hs)
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # (L, S, nh, M, hs)
 
+    def copy_prefix(self, source: int, target: int, num_tokens: int) -> None:
+        """Copy the keys and values of positions [0, num_tokens) of one slot to another."""
+        if source == target or num_tokens <= 0:
+            return
+        self.k[:, target, :, :num_tokens].copy_(self.k[:, source, :, :num_tokens])
+        self.v[:, target, :, :num_tokens].copy_(self.v[:, source, :, :num_tokens])
+
     @property
     def num_bytes(self) -> int:
         """Memory held by the cache."""

@@ -1,17 +1,22 @@
-"""Batched next-token sampling: one decode step for B requests, each with its own settings.
+"""Batched next-token sampling: one step for B requests, each with its own settings.
 
 Per row, in order (as in vLLM): logit bias -> repetition, presence and frequency penalties ->
 greedy rows take the argmax -> temperature -> top-k -> top-p -> min-p -> random draw. The draw
 uses the exponential race (argmax of probs / q, q ~ Exponential(1)), with q drawn per seeded row
 from that row's own generator in a batch-independent shape, so a seeded request gets the same
 tokens whatever else shares its batch.
+
+What a request needs across steps (its generator, its logit bias as index tensors, its token
+counts for the penalties) lives in a `SamplingState` built once per request, so a step costs the
+same whatever the size of a request's bias or prompt. Log-probabilities are computed only for
+the rows that ask for them: under the model's raw softmax, under the distribution the token was
+drawn from ("processed"), or both.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,64 +30,193 @@ TOP_P_TOLERANCE = 1e-6
 TOP_P_CANDIDATES = 1024
 
 
-@dataclass
-class SamplerOutput:
-    """The tokens picked in one decode step, with log-probabilities under the raw model."""
-
-    token_ids: torch.Tensor  # [B] int64
-    logprobs: torch.Tensor  # [B] float32, log_softmax of the input logits at token_ids
-    top_token_ids: torch.Tensor | None  # [B, N] int64, N = most logprobs any row asked for
-    top_logprobs: torch.Tensor | None  # [B, N] float32, sorted descending
-
-
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """Create the generator a seeded request keeps for its whole life and passes to `sample`."""
+    """Create the generator a seeded request keeps for its whole life."""
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def sample(
-    logits: torch.Tensor,
+@dataclass(eq=False)
+class SamplingState:
+    """One request's sampling settings and what they need between steps, built once.
+
+    `record(token)` must be called with every token the request generates, in order.
+    """
+
+    params: SamplingParams
+    vocab_size: int
+    generator: torch.Generator | None = None
+    bias_ids: torch.Tensor | None = None  # [E] int64, the logit bias as tensors
+    bias_values: torch.Tensor | None = None  # [E] float32
+    prompt_mask: torch.Tensor | None = None  # [V] bool: in the prompt (repetition penalty)
+    output_counts: torch.Tensor | None = None  # [V] float32: times generated (penalties)
+
+    @classmethod
+    def create(
+        cls,
+        params: SamplingParams,
+        vocab_size: int,
+        prompt_token_ids: Sequence[int] = (),
+        device: torch.device | str = "cpu",
+    ) -> SamplingState:
+        """Validate the request against the vocabulary and build its tensors."""
+        params.validate_for_vocab(vocab_size)
+        state = cls(params, vocab_size)
+        if params.seed is not None:
+            state.generator = make_generator(params.seed, device)
+        if params.logit_bias:
+            state.bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=device)
+            state.bias_values = torch.tensor(
+                list(params.logit_bias.values()), dtype=torch.float32, device=device
+            )
+        if params.repetition_penalty != 1.0:
+            _check_token_ids(prompt_token_ids, vocab_size)
+            state.prompt_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            if prompt_token_ids:
+                ids = torch.tensor(list(prompt_token_ids), dtype=torch.long, device=device)
+                state.prompt_mask[ids] = True
+        if params.uses_penalties:
+            state.output_counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+        return state
+
+    def record(self, token_id: int) -> None:
+        """Count a generated token (for the penalties)."""
+        if self.output_counts is not None:
+            if not 0 <= token_id < self.vocab_size:
+                raise ValueError(f"token ids for penalties must lie in [0, {self.vocab_size})")
+            self.output_counts[token_id] += 1
+
+
+def new_states(
     params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator | None],
-    output_token_ids: Sequence[Sequence[int]],
+    vocab_size: int,
+    output_token_ids: Sequence[Sequence[int]] | None = None,
     prompt_token_ids: Sequence[Sequence[int]] | None = None,
-) -> SamplerOutput:
-    """Pick the next token for each row of `logits` [B, V] under that row's own parameters."""
-    _check_batch(logits, params, generators, output_token_ids, prompt_token_ids)
-    batch_size = logits.shape[0]
-    # `raw` is `logits` itself when that is already float32; neither is ever written to, since
-    # the log-probabilities below are taken from the unprocessed distribution.
+) -> list[SamplingState]:
+    """States for a batch of fresh rows, with tokens already generated recorded (for tests)."""
+    states = []
+    for row, row_params in enumerate(params):
+        prompt = prompt_token_ids[row] if prompt_token_ids is not None else ()
+        state = SamplingState.create(row_params, vocab_size, prompt)
+        for token in output_token_ids[row] if output_token_ids is not None else ():
+            state.record(token)
+        states.append(state)
+    return states
+
+
+@dataclass
+class SamplerOutput:
+    """The tokens picked in one step and, for the rows that asked, their log-probabilities.
+
+    Raw log-probabilities come from log_softmax of the input logits; processed ones from the
+    distribution each token was drawn from (greedy rows: bias and penalties, then the top-k /
+    top-p / min-p cuts, at temperature 1). Rows that did not ask hold NaN, and their top entries
+    are meaningless. Top-N tensors have N = the most alternatives any row asked for; a cut-off
+    candidate's processed log-probability is -inf.
+    """
+
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor | None = None  # [B] float32, raw, at token_ids
+    top_token_ids: torch.Tensor | None = None  # [B, N] int64, raw top-N, descending
+    top_logprobs: torch.Tensor | None = None  # [B, N] float32
+    processed_logprobs: torch.Tensor | None = None  # [B] float32, processed, at token_ids
+    processed_top_token_ids: torch.Tensor | None = None  # [B, N] processed top-N
+    processed_top_logprobs: torch.Tensor | None = None  # [B, N]
+    processed_at_raw_top: torch.Tensor | None = None  # [B, N] processed, at top_token_ids
+
+
+def sample(logits: torch.Tensor, states: Sequence[SamplingState]) -> SamplerOutput:
+    """Pick the next token for each row of `logits` [B, V] under that row's own settings."""
+    if logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating [batch, vocab] tensor, got {logits.shape}")
+    if len(states) != logits.shape[0]:
+        raise ValueError(f"{len(states)} sampling states for a batch of {logits.shape[0]} rows")
+    params = [state.params for state in states]
+    # `raw` is `logits` itself when that is already float32; it is never written to.
     raw = logits.float()
-    processed = process_logits(raw, params, output_token_ids, prompt_token_ids)
+    processed = process_logits(raw, states)
     sample_rows = [row for row, row_params in enumerate(params) if not row_params.is_greedy]
-    if len(sample_rows) == batch_size:
-        token_ids = _draw(processed, params, generators, is_owned=processed is not raw)
+    final: torch.Tensor | None = None  # [S, V] the sampled rows' logits after every stage
+    if len(sample_rows) == len(params):
+        final = _final_logits(processed, params, is_owned=processed is not raw)
+        token_ids = _draw(final, [state.generator for state in states])
     else:
         token_ids = processed.argmax(dim=-1)  # ties go to the lowest id
         if sample_rows:
             index = torch.tensor(sample_rows, device=logits.device)
-            token_ids[index] = _draw(
-                processed[index],  # a copy
-                [params[row] for row in sample_rows],
-                [generators[row] for row in sample_rows],
-                is_owned=True,
-            )
-
-    log_normalizer = torch.logsumexp(raw, dim=-1, keepdim=True)  # [B, 1]
-    chosen_logprobs = (raw.gather(1, token_ids.unsqueeze(1)) - log_normalizer).squeeze(1)
+            final = _final_logits(processed[index], [params[r] for r in sample_rows], True)
+            token_ids[index] = _draw(final, [states[r].generator for r in sample_rows])
+    out = SamplerOutput(token_ids)
     num_top = min(max((p.num_logprobs for p in params), default=0), raw.shape[1])
-    if num_top == 0:
-        return SamplerOutput(token_ids, chosen_logprobs, None, None)
-    top_values, top_token_ids = raw.topk(num_top, dim=-1)  # [B, N], sorted descending
-    return SamplerOutput(token_ids, chosen_logprobs, top_token_ids, top_values - log_normalizer)
+    raw_rows = [row for row, p in enumerate(params) if p.wants_raw_logprobs]
+    if raw_rows:
+        _add_raw_logprobs(out, raw, raw_rows, num_top)
+    processed_rows = [row for row, p in enumerate(params) if p.wants_processed_logprobs]
+    if processed_rows:
+        _add_processed_logprobs(out, processed, final, sample_rows, params, processed_rows, num_top)
+    return out
 
 
-def process_logits(
-    logits: torch.Tensor,
+def _select(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """`tensor[rows]`, without a copy when `rows` is every row in order."""
+    if len(rows) == tensor.shape[0]:
+        return tensor
+    return tensor[torch.tensor(rows, device=tensor.device)]
+
+
+def _scatter_rows(num_rows: int, rows: list[int], values: torch.Tensor) -> torch.Tensor:
+    """A [B, ...] tensor holding `values` at `rows` and NaN (or -1 for ids) elsewhere."""
+    if len(rows) == num_rows:
+        return values
+    fill = -1 if not values.is_floating_point() else math.nan
+    full = torch.full((num_rows, *values.shape[1:]), fill, dtype=values.dtype, device=values.device)
+    full[torch.tensor(rows, device=values.device)] = values
+    return full
+
+
+def _add_raw_logprobs(out: SamplerOutput, raw: torch.Tensor, rows: list[int], num_top: int) -> None:
+    num_rows = raw.shape[0]
+    logprobs = torch.log_softmax(_select(raw, rows), dim=-1)  # [R, V]
+    chosen = logprobs.gather(1, _select(out.token_ids, rows).unsqueeze(1)).squeeze(1)
+    out.logprobs = _scatter_rows(num_rows, rows, chosen)
+    if num_top:
+        values, ids = logprobs.topk(num_top, dim=-1)  # [R, N], descending
+        out.top_token_ids = _scatter_rows(num_rows, rows, ids)
+        out.top_logprobs = _scatter_rows(num_rows, rows, values)
+
+
+def _add_processed_logprobs(
+    out: SamplerOutput,
+    processed: torch.Tensor,
+    final: torch.Tensor | None,
+    sample_rows: list[int],
     params: Sequence[SamplingParams],
-    output_token_ids: Sequence[Sequence[int]],
-    prompt_token_ids: Sequence[Sequence[int]] | None = None,
-) -> torch.Tensor:
+    rows: list[int],
+    num_top: int,
+) -> None:
+    """The distribution each row drew from: the sampled rows' `final` logits, and the greedy
+    rows' processed logits cut by their filters at temperature 1."""
+    num_rows = processed.shape[0]
+    position = {row: i for i, row in enumerate(sample_rows)}
+    parts = []
+    for row in rows:
+        if row in position and final is not None:
+            parts.append(final[position[row]])
+        else:
+            parts.append(truncate_logits(processed[row : row + 1], [params[row]])[0])
+    logprobs = torch.log_softmax(torch.stack(parts), dim=-1)  # [R, V]
+    chosen = logprobs.gather(1, _select(out.token_ids, rows).unsqueeze(1)).squeeze(1)
+    out.processed_logprobs = _scatter_rows(num_rows, rows, chosen)
+    if not num_top:
+        return
+    values, ids = logprobs.topk(num_top, dim=-1)
+    out.processed_top_token_ids = _scatter_rows(num_rows, rows, ids)
+    out.processed_top_logprobs = _scatter_rows(num_rows, rows, values)
+    if out.top_token_ids is not None:
+        raw_top = _select(out.top_token_ids, rows).clamp_min(0)  # -1: a row without raw ones
+        out.processed_at_raw_top = _scatter_rows(num_rows, rows, logprobs.gather(1, raw_top))
+
+
+def process_logits(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
     """Apply each row's logit bias, then its repetition, presence and frequency penalties.
 
     Returns float32 [B, V]: a new tensor, or `logits` itself when no row has anything to apply.
@@ -90,66 +224,43 @@ def process_logits(
     ones multiplied); presence and frequency penalties (OpenAI) cover output tokens only.
     """
     processed = logits.float()
-    vocab_size, device = processed.shape[1], processed.device
-    bias_rows = [row for row, p in enumerate(params) if p.logit_bias]
-    repetition_rows = [row for row, p in enumerate(params) if p.repetition_penalty != 1.0]
-    additive_rows = [
-        row for row, p in enumerate(params) if p.presence_penalty or p.frequency_penalty
-    ]
-    if not (bias_rows or repetition_rows or additive_rows):
+    bias_rows = [row for row, s in enumerate(states) if s.bias_ids is not None]
+    penalty_rows = [row for row, s in enumerate(states) if s.output_counts is not None]
+    if not (bias_rows or penalty_rows):
         return processed
     if processed is logits:
         processed = processed.clone()
-
-    # Only the touched (row, token) entries are gathered and written back: no dense [B, V] masks.
-    bias_entries: list[tuple[int, int, float]] = []
     for row in bias_rows:
-        params[row].validate_for_vocab(vocab_size)
-        row_bias = params[row].logit_bias or {}
-        bias_entries.extend((row, token, bias) for token, bias in row_bias.items())
-    _add_at(processed, bias_entries)
-
-    rows: list[int] = []
-    tokens: list[int] = []
-    for row in repetition_rows:
-        seen = set(output_token_ids[row])
-        if prompt_token_ids is not None:
-            seen.update(prompt_token_ids[row])
-        _check_token_ids(seen, vocab_size)
-        rows.extend([row] * len(seen))
-        tokens.extend(seen)
-    if rows:
-        index = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
-        penalties = torch.tensor([params[row].repetition_penalty for row in rows], device=device)
-        values = processed[index]
-        processed[index] = torch.where(values > 0, values / penalties, values * penalties)
-
-    additive_entries: list[tuple[int, int, float]] = []
-    for row in additive_rows:
-        counts = Counter(output_token_ids[row])
-        _check_token_ids(counts, vocab_size)
-        presence, frequency = params[row].presence_penalty, params[row].frequency_penalty
-        additive_entries.extend(
-            (row, token, -(frequency * count + presence)) for token, count in counts.items()
-        )
-    _add_at(processed, additive_entries)
+        state = states[row]
+        assert state.bias_ids is not None and state.bias_values is not None
+        processed[row].index_add_(0, state.bias_ids, state.bias_values)
+    if penalty_rows:
+        index = torch.tensor(penalty_rows, device=processed.device)
+        values = processed[index]  # [R, V]
+        counts = torch.stack([states[row].output_counts for row in penalty_rows])  # type: ignore[misc]
+        params = [states[row].params for row in penalty_rows]
+        device = processed.device
+        repetition = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+        if any(p.repetition_penalty != 1.0 for p in params):
+            seen = counts > 0
+            for i, row in enumerate(penalty_rows):
+                mask = states[row].prompt_mask
+                if mask is not None:
+                    seen[i] |= mask
+            penalised = torch.where(values > 0, values / repetition, values * repetition)
+            values = torch.where(seen, penalised, values)
+        presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+        if any(p.presence_penalty or p.frequency_penalty for p in params):
+            values = values - (frequency * counts + presence * (counts > 0))
+        processed[index] = values
     return processed
 
 
-def truncate_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Return a copy of `logits` [B, V] with what each row's top-k, top-p and min-p drop at -inf."""
-    truncated = logits.float().clone()
-    _truncate_in_place(truncated, params)
-    return truncated
-
-
-def _draw(
-    logits: torch.Tensor,
-    params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator | None],
-    is_owned: bool,
+def _final_logits(
+    logits: torch.Tensor, params: Sequence[SamplingParams], is_owned: bool
 ) -> torch.Tensor:
-    """Draw one token id per row of `logits` [S, V], none of them greedy; returns [S] int64."""
+    """The sampled rows' logits after temperature and the top-k / top-p / min-p cuts [S, V]."""
     temperatures = [p.temperature for p in params]
     if any(temperature != 1.0 for temperature in temperatures):
         temperature = torch.tensor(temperatures, device=logits.device).unsqueeze(1)
@@ -157,9 +268,21 @@ def _draw(
     elif not is_owned and any(p.uses_truncation for p in params):
         logits = logits.clone()
     _truncate_in_place(logits, params)
-    probs = logits.softmax(dim=-1)
+    return logits
+
+
+def _draw(final: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Draw one token id per row of the final logits [S, V]; returns [S] int64."""
+    probs = final.softmax(dim=-1)
     noise = _exponential_noise(probs.shape[0], probs.shape[1], generators, probs.device)
     return probs.div_(noise).argmax(dim=-1)
+
+
+def truncate_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Return a copy of `logits` [B, V] with what each row's top-k, top-p and min-p drop at -inf."""
+    truncated = logits.float().clone()
+    _truncate_in_place(truncated, params)
+    return truncated
 
 
 def _truncate_in_place(logits: torch.Tensor, params: Sequence[SamplingParams]) -> None:
@@ -267,38 +390,6 @@ def _exponential_noise(
     return uniform.clamp_min_(tiny).log_().neg_().clamp_min_(tiny)
 
 
-def _add_at(logits: torch.Tensor, entries: list[tuple[int, int, float]]) -> None:
-    """Add each (row, token, delta) to `logits` in place; no (row, token) appears twice."""
-    if not entries:
-        return
-    rows, tokens, deltas = zip(*entries, strict=True)
-    device = logits.device
-    index = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
-    logits[index] += torch.tensor(deltas, device=device)
-
-
-def _check_token_ids(token_ids: Collection[int], vocab_size: int) -> None:
+def _check_token_ids(token_ids: Sequence[int], vocab_size: int) -> None:
     if token_ids and (min(token_ids) < 0 or max(token_ids) >= vocab_size):
         raise ValueError(f"token ids for penalties must lie in [0, {vocab_size})")
-
-
-def _check_batch(
-    logits: torch.Tensor,
-    params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator | None],
-    output_token_ids: Sequence[Sequence[int]],
-    prompt_token_ids: Sequence[Sequence[int]] | None,
-) -> None:
-    if logits.dim() != 2 or not logits.is_floating_point():
-        raise ValueError(f"logits must be a floating [batch, vocab] tensor, got {logits.shape}")
-    batch_size = logits.shape[0]
-    per_row_args = {
-        "params": params,
-        "generators": generators,
-        "output_token_ids": output_token_ids,
-    }
-    if prompt_token_ids is not None:
-        per_row_args["prompt_token_ids"] = prompt_token_ids
-    for name, per_row in per_row_args.items():
-        if len(per_row) != batch_size:
-            raise ValueError(f"{name} has {len(per_row)} entries for a batch of {batch_size} rows")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from model.validation import is_int, is_number
 
 MAX_TEMPERATURE = 100.0
 # Temperatures below this decode greedily, as in vLLM: dividing logits by them would overflow
@@ -14,6 +15,13 @@ GREEDY_TEMPERATURE = 1e-5
 MAX_ABS_PENALTY = 2.0
 MAX_ABS_LOGIT_BIAS = 100.0
 MAX_LOGPROBS = 20
+# Which distribution log-probabilities describe (vLLM's names, plus both at once): the model's
+# own softmax, or the one the token was drawn from, after bias, penalties, temperature and the
+# top-k / top-p / min-p cuts, renormalised.
+RAW_LOGPROBS = "raw_logprobs"
+PROCESSED_LOGPROBS = "processed_logprobs"
+RAW_AND_PROCESSED_LOGPROBS = "raw_and_processed_logprobs"
+LOGPROBS_MODES = (RAW_LOGPROBS, PROCESSED_LOGPROBS, RAW_AND_PROCESSED_LOGPROBS)
 # The range torch.Generator.manual_seed accepts.
 MIN_SEED = -(2**63)
 MAX_SEED = 2**64 - 1
@@ -31,18 +39,9 @@ def _invalid(param: str, expected: str, value: object) -> SamplingParamsError:
     return SamplingParamsError(param, f"{param} must be {expected}, got {value!r}")
 
 
-def _is_int(value: object) -> bool:
-    # bool is an int subclass, but `top_k=True` is a mistake, not a number
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _number_in(param: str, value: object, expected: str, low: float, high: float) -> float:
     """Return `value` as a float if it is a finite number in [low, high], else raise."""
-    if not _is_number(value):
+    if not is_number(value):
         raise _invalid(param, expected, value)
     number = float(value)  # type: ignore[arg-type]
     if not (math.isfinite(number) and low <= number <= high):
@@ -57,7 +56,8 @@ class SamplingParams:
     Ranges: temperature [0, 100] (0, or anything below 1e-5, is greedy); top_k >= 1, with 0 or -1
     meaning off; top_p (0, 1], 1 = off; min_p [0, 1], 0 = off; repetition_penalty > 0, 1 = off;
     presence_penalty and frequency_penalty [-2, 2]; logit_bias values [-100, 100] keyed by
-    non-negative token ids; seed an integer in [-2**63, 2**64 - 1]; logprobs 0..20 or None.
+    non-negative token ids; seed an integer in [-2**63, 2**64 - 1]; logprobs 0..20 or None;
+    logprobs_mode one of LOGPROBS_MODES.
     """
 
     temperature: float = 1.0
@@ -72,6 +72,7 @@ class SamplingParams:
     logit_bias: Mapping[int, float] | None = field(default=None, hash=False)
     seed: int | None = None
     logprobs: int | None = None
+    logprobs_mode: str = RAW_LOGPROBS
 
     def __post_init__(self) -> None:
         set_field = object.__setattr__  # the dataclass is frozen; store normalised values
@@ -82,7 +83,7 @@ class SamplingParams:
                 "temperature", self.temperature, "a number in [0, 100]", 0.0, MAX_TEMPERATURE
             ),
         )
-        if not _is_int(self.top_k) or self.top_k < -1:
+        if not is_int(self.top_k) or self.top_k < -1:
             raise _invalid("top_k", "an integer >= 1, or 0 or -1 for no limit", self.top_k)
         set_field(self, "top_k", int(self.top_k))
         set_field(self, "top_p", _number_in("top_p", self.top_p, "a number in (0, 1]", 0.0, 1.0))
@@ -102,13 +103,17 @@ class SamplingParams:
             set_field(self, name, value)
         set_field(self, "logit_bias", self._checked_logit_bias())
         if self.seed is not None:
-            if not _is_int(self.seed) or not MIN_SEED <= self.seed <= MAX_SEED:
+            if not is_int(self.seed) or not MIN_SEED <= self.seed <= MAX_SEED:
                 raise _invalid("seed", "an integer in [-2**63, 2**64 - 1] or None", self.seed)
             set_field(self, "seed", int(self.seed))
         if self.logprobs is not None:
-            if not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS:
+            if not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS:
                 raise _invalid("logprobs", "an integer in [0, 20] or None", self.logprobs)
             set_field(self, "logprobs", int(self.logprobs))
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise _invalid(
+                "logprobs_mode", f"one of {', '.join(LOGPROBS_MODES)}", self.logprobs_mode
+            )
 
     def _checked_logit_bias(self) -> Mapping[int, float] | None:
         """Validate logit_bias and return a copy (a plain dict, so params pickle and deep-copy)."""
@@ -118,7 +123,7 @@ class SamplingParams:
             raise _invalid("logit_bias", "a mapping of token id to bias, or None", self.logit_bias)
         checked: dict[int, float] = {}
         for token_id, bias in self.logit_bias.items():
-            if not _is_int(token_id) or token_id < 0:
+            if not is_int(token_id) or token_id < 0:
                 raise _invalid("logit_bias", "keyed by non-negative integer token ids", token_id)
             checked[int(token_id)] = _number_in(
                 "logit_bias",
@@ -158,3 +163,13 @@ class SamplingParams:
     def num_logprobs(self) -> int:
         """How many top alternatives to report (0 when logprobs is None)."""
         return self.logprobs or 0
+
+    @property
+    def wants_raw_logprobs(self) -> bool:
+        """Whether log-probabilities under the model's own softmax are asked for."""
+        return self.logprobs is not None and self.logprobs_mode != PROCESSED_LOGPROBS
+
+    @property
+    def wants_processed_logprobs(self) -> bool:
+        """Whether log-probabilities under the distribution sampled from are asked for."""
+        return self.logprobs is not None and self.logprobs_mode != RAW_LOGPROBS

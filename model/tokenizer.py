@@ -220,6 +220,11 @@ class Tokenizer:
             self._raise_out_of_range(token_id)
         return self._token_bytes[token_id]
 
+    def token_text(self, token_id: int) -> str:
+        """The text of a single token decoded alone (invalid UTF-8 becomes U+FFFD), as
+        log-probability listings show it."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
     def _check_ids(self, ids: Sequence[int]) -> None:
         if len(ids) > 0 and (min(ids) < 0 or max(ids) >= self.vocab_size):
             self._raise_out_of_range(next(i for i in ids if not 0 <= i < self.vocab_size))

@@ -68,6 +68,7 @@ def test_generate_returns_text_tokens_and_usage(client: httpx.Client) -> None:
         "prompt_tokens": prompt_tokens,
         "completion_tokens": 7,
         "total_tokens": prompt_tokens + 7,
+        "prompt_tokens_details": {"cached_tokens": 0},
     }
     assert body["logprobs"] is None
 

@@ -45,11 +45,18 @@ BAD_INPUTS = [
     ("/generate", {"prompt": "x", "min_p": 2}, 400, "min_p", "invalid_value", "[0, 1]"),
     ("/generate", {"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty", "invalid_value", "[-2, 2]"),
     ("/generate", {"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty", "invalid_value", "> 0"),
-    ("/generate", {"prompt": "x", "logprobs": 21}, 400, "logprobs", "invalid_value", "[0, 20]"),
+    ("/generate", {"prompt": "x", "logprobs": 21}, 400, "logprobs", "invalid_value", "less than or equal to 20"),
+    ("/generate", {"prompt": "x", "prompt_logprobs": 21}, 400, "prompt_logprobs", "invalid_value", "less than or equal to 20"),
+    ("/generate", {"prompt": "x", "logprobs": 1, "logprobs_mode": "raw_logits"}, 400, "logprobs_mode", "invalid_value", "processed_logprobs"),
+    ("/generate", {"prompt": "x", "timeout": 0}, 400, "timeout", "invalid_value", "greater than 0"),
+    ("/generate", {"prompt": "x\ud800y"}, 400, "prompt", "invalid_value", "lone surrogate"),
+    ("/generate", {"prompt": "x", "stop": ["\udfff"]}, 400, "stop", "invalid_value", "lone surrogate"),
+    ("/generate", {"prompt": "x", "logit_bias": {"\ud800": 1}}, 400, "logit_bias", "invalid_value", "lone surrogate"),
     ("/generate", {"prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias", "invalid_value", "token ids"),
     ("/generate", {"prompt": "x", "logit_bias": {"60000": 1}}, 400, "logit_bias", "invalid_value", "50257"),
-    ("/generate", {"prompt": "x", "max_new_tokens": 0}, 400, "max_new_tokens", "invalid_value", ">= 1"),
+    ("/generate", {"prompt": "x", "max_new_tokens": -1}, 400, "max_new_tokens", "invalid_value", "greater than or equal to 0"),
     ("/generate", {"prompt": "x", "max_new_tokens": 5000}, 400, "prompt", "prompt_too_long", "context window of 1024"),
+    ("/generate", {"prompt": "x", "max_new_tokens": 1024}, 400, "prompt", "prompt_too_long", "1 token and 1024 tokens"),
     ("/generate", {"prompt": "x", "min_tokens": 9, "max_new_tokens": 5}, 400, "min_tokens", "invalid_value", "max_new_tokens"),
     ("/generate", {"prompt": "x", "stop": [1, 2]}, 400, "stop", "invalid_value", "list of strings"),
     ("/generate", {"prompt": "x", "stop_token_ids": [60000]}, 400, "stop_token_ids", "invalid_value", "50257"),
@@ -59,12 +66,17 @@ BAD_INPUTS = [
     ("/stream", {"prompt": "x", "temperature": 101}, 400, "temperature", "invalid_value", "[0, 100]"),
     ("/v1/completions", {**COMPLETION, "suffix": "!"}, 400, "suffix", "invalid_value", "not supported"),
     ("/v1/completions", {**COMPLETION, "best_of": 2}, 400, "best_of", "invalid_value", "not supported"),
-    ("/v1/completions", {**COMPLETION, "echo": True, "logprobs": 1}, 400, "echo", "invalid_value", "prompt log-probabilities"),
-    ("/v1/completions", {**COMPLETION, "n": 0}, 400, "n", "invalid_value", "[1, 16]"),
-    ("/v1/completions", {**COMPLETION, "n": 17}, 400, "n", "invalid_value", "[1, 16]"),
-    ("/v1/completions", {**COMPLETION, "max_tokens": 0}, 400, "max_tokens", "invalid_value", ">= 1"),
-    ("/v1/completions", {**COMPLETION, "max_tokens": 2000}, 400, "prompt", "prompt_too_long", "lower max_tokens"),
-    ("/v1/completions", {**COMPLETION, "logprobs": 30}, 400, "logprobs", "invalid_value", "[0, 20]"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": 0}, 400, "max_tokens", "invalid_value", "echo"),
+    ("/v1/completions", {**COMPLETION, "logprobs": 1, "logprobs_mode": "raw_and_processed_logprobs"}, 400, "logprobs_mode", "invalid_value", "/generate"),
+    ("/v1/completions", {**COMPLETION, "n": 0}, 400, "n", "invalid_value", "greater than or equal to 1"),
+    ("/v1/completions", {**COMPLETION, "n": 17}, 400, "n", "invalid_value", "less than or equal to 16"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": -1}, 400, "max_tokens", "invalid_value", "greater than or equal to 0"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": 2000}, 400, "prompt", "prompt_too_long", "--truncate-prompt"),
+    ("/v1/completions", {**COMPLETION, "min_tokens": 20, "max_tokens": 5}, 400, "min_tokens", "invalid_value", "max_tokens (5)"),
+    ("/v1/completions", {**COMPLETION, "logprobs": 30}, 400, "logprobs", "invalid_value", "less than or equal to 20"),
+    ("/v1/completions", {**COMPLETION, "model": "\ud800"}, 400, "model", "invalid_value", "lone surrogate"),
+    ("/v1/completions", {**COMPLETION, "prompt": "a\ud800", "echo": True}, 400, "prompt", "invalid_value", "lone surrogate"),
+    ("/v1/completions", {**COMPLETION, "prompt": ["ok", "\udc00"], "stream": True}, 400, "prompt", "invalid_value", "lone surrogate"),
     ("/v1/completions", {**COMPLETION, "stream_options": {"include_usage": True}}, 400, "stream_options", "invalid_value", "stream=true"),
     ("/v1/completions", {**COMPLETION, "stream": True, "stream_options": {"bogus": 1}}, 400, "stream_options.bogus", "unknown_field", "not a supported field"),
     ("/v1/completions", {**COMPLETION, "prompt": []}, 400, "prompt", "invalid_value", "not empty"),
@@ -81,7 +93,9 @@ BAD_INPUTS = [
 def test_reject_bad_input(
     client: httpx.Client, path: str, body: dict, status: int, param: str, code: str, message: str
 ) -> None:
-    response = client.post(path, json=body)
+    # json.dumps escapes non-ASCII, so a lone surrogate travels as valid JSON ("\ud800")
+    content = json.dumps(body).encode()
+    response = client.post(path, content=content, headers={"content-type": "application/json"})
     assert response.status_code == status
     error = error_of(response)
     assert error["param"] == param
@@ -141,7 +155,7 @@ def test_answer_500_with_request_id_and_keep_serving(
     def broken_submit(*args: object, **kwargs: object) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(server.engine, "submit", broken_submit)
+    monkeypatch.setattr(server.engine, "submit_group", broken_submit)
     response = client.post("/generate", json={"prompt": "x"}, headers={"X-Request-Id": "req-42"})
     assert response.status_code == 500
     error = error_of(response)

@@ -270,7 +270,7 @@ def test_submit_abort_cycles_leave_nothing_behind(tiny_model, tokenizer) -> None
         await asyncio.sleep(0.1)
         assert llm.scheduler.num_running == 0 and llm.scheduler.num_waiting == 0
         assert llm.scheduler.num_free_slots == 4
-        assert llm.runner._generators == {}
+        assert llm.runner._states == {}
         assert len(asyncio.all_tasks()) == tasks_before
         await engine.shutdown()
 
@@ -331,16 +331,12 @@ def test_output_failure_fails_only_that_request(tiny_model, tokenizer, monkeypat
     assert survivor.num_output_tokens == 5 and engine.scheduler.num_free_slots == 4
 
 
-def test_abort_during_step_releases_seeded_generator(tiny_model, tokenizer, monkeypatch) -> None:
+def test_abort_between_steps_releases_seeded_state(tiny_model, tokenizer) -> None:
     engine = make_engine(tiny_model, tokenizer, max_batch_size=2)
     request = engine.add_request([1, 2], SamplingParams(seed=5), StopParams(10))
-    engine.step()  # prefill: the generator exists
-    original = engine.runner._run_decode
-
-    def decode_then_abort(requests):  # type: ignore[no-untyped-def]
-        engine.abort(request.request_id)  # as the event loop would, while the step runs
-        return original(requests)
-
-    monkeypatch.setattr(engine.runner, "_run_decode", decode_then_abort)
+    engine.step()  # prefill: the sampling state (its generator) exists
+    assert request.request_id in engine.runner._states
+    ((aborted, event),) = [engine.abort(request.request_id)]  # type: ignore[misc]
+    assert aborted is request and event.finish_reason is FinishReason.ABORT and event.finished
+    assert engine.runner._states == {} and not engine.has_work()
     assert engine.step() == []
-    assert engine.runner._generators == {} and not engine.has_work()

@@ -9,8 +9,32 @@ import pickle
 import pytest
 import torch
 
-from model.sampling import make_generator, process_logits, sample, truncate_logits
+from model import sampling
+from model.sampling import make_generator, new_states, truncate_logits
 from model.sampling_params import SamplingParams, SamplingParamsError
+
+
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    outputs: list[list[int]],
+    prompts: list[list[int]] | None = None,
+) -> sampling.SamplerOutput:
+    """One step of fresh rows, each with the given generator and tokens already generated."""
+    states = new_states(params, logits.shape[1], outputs, prompts)
+    for state, generator in zip(states, generators, strict=True):
+        state.generator = generator
+    return sampling.sample(logits, states)
+
+
+def process_logits(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    outputs: list[list[int]],
+    prompts: list[list[int]] | None = None,
+) -> torch.Tensor:
+    return sampling.process_logits(logits, new_states(params, logits.shape[1], outputs, prompts))
 
 
 def logits_for(probs: list[float]) -> torch.Tensor:
@@ -141,14 +165,10 @@ def test_reject_logit_bias_outside_vocab() -> None:
 
 def test_reject_mismatched_batch() -> None:
     logits = torch.zeros(2, 5)
-    with pytest.raises(ValueError, match="params"):
-        sample(logits, [SamplingParams()], [None, None], [[], []])
-    with pytest.raises(ValueError, match="generators"):
-        sample(logits, [SamplingParams()] * 2, [None], [[], []])
-    with pytest.raises(ValueError, match="prompt_token_ids"):
-        sample(logits, [SamplingParams()] * 2, [None] * 2, [[], []], [[1]])
+    with pytest.raises(ValueError, match="sampling states"):
+        sampling.sample(logits, new_states([SamplingParams()], 5))
     with pytest.raises(ValueError, match="logits"):
-        sample(torch.zeros(5), [SamplingParams()], [None], [[]])
+        sampling.sample(torch.zeros(5), new_states([SamplingParams()], 5))
 
 
 def test_keep_only_top_k_tokens() -> None:
@@ -370,24 +390,84 @@ def test_reproduce_seeded_row_in_any_batch() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_report_raw_logprobs(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
-    logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(3)).to(dtype)
+    logits = torch.randn(5, 64, generator=torch.Generator().manual_seed(3)).to(dtype)
     params = [
-        SamplingParams(temperature=0.5, top_k=3),
+        SamplingParams(temperature=0.5, top_k=3, logprobs=1),
         SamplingParams(top_k=2, logit_bias={5: 3.0}, logprobs=5),
         SamplingParams(temperature=0.0, repetition_penalty=1.5, logprobs=2),
         SamplingParams(top_p=0.3, min_p=0.5, logprobs=0),
+        SamplingParams(),  # asks for nothing: no log-probabilities are computed for it
     ]
-    out = sample(logits, params, [None] * 4, [[1, 2], [5], [int(logits[2].argmax())], []])
-    raw = torch.log_softmax(logits.double(), dim=-1)
-    expected_chosen = raw.gather(1, out.token_ids.unsqueeze(1)).squeeze(1)
-    assert out.logprobs.dtype == torch.float32
-    torch.testing.assert_close(out.logprobs.double(), expected_chosen, rtol=0, atol=1e-5)
+    outputs = [[1, 2], [5], [int(logits[2].argmax())], [], []]
+    out = sample(logits, params, [None] * 5, outputs)
+    raw = torch.log_softmax(logits.double(), dim=-1)[:4]
+    expected_chosen = raw.gather(1, out.token_ids[:4].unsqueeze(1)).squeeze(1)
+    assert out.logprobs is not None and out.logprobs.dtype == torch.float32
+    torch.testing.assert_close(out.logprobs[:4].double(), expected_chosen, rtol=0, atol=1e-5)
+    assert math.isnan(out.logprobs[4].item())
     assert out.top_token_ids is not None and out.top_logprobs is not None
-    assert out.top_token_ids.shape == out.top_logprobs.shape == (4, 5)
+    assert out.top_token_ids.shape == out.top_logprobs.shape == (5, 5)
     five_largest = raw.sort(dim=-1, descending=True).values[:, :5]
-    torch.testing.assert_close(out.top_logprobs.double(), five_largest, rtol=0, atol=1e-5)
-    at_ids = raw.gather(1, out.top_token_ids)
-    torch.testing.assert_close(out.top_logprobs.double(), at_ids, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.top_logprobs[:4].double(), five_largest, rtol=0, atol=1e-5)
+    at_ids = raw.gather(1, out.top_token_ids[:4])
+    torch.testing.assert_close(out.top_logprobs[:4].double(), at_ids, rtol=0, atol=1e-5)
+    assert out.processed_logprobs is None  # nobody asked for processed ones
+
+
+def renormalised(logits_row: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """log of the softmax of `logits_row` [V] restricted to the `kept` mask, in float64."""
+    masked = logits_row.double().masked_fill(~kept, -math.inf)
+    return torch.log_softmax(masked, dim=-1)
+
+
+def test_report_processed_logprobs_after_each_stage() -> None:
+    generator = torch.Generator().manual_seed(8)
+    logits = torch.randn(5, 300, generator=generator) * 2.0
+    modes = ["processed_logprobs", "raw_and_processed_logprobs"]
+    params = [
+        SamplingParams(temperature=0.7, top_k=20, logprobs=5, logprobs_mode=modes[0], seed=1),
+        SamplingParams(top_p=0.6, logprobs=5, logprobs_mode=modes[1], seed=2),
+        SamplingParams(temperature=1.3, min_p=0.2, logprobs=3, logprobs_mode=modes[0], seed=3),
+        SamplingParams(
+            temperature=0.0,
+            top_k=4,
+            logit_bias={7: 5.0},
+            repetition_penalty=1.4,
+            logprobs=4,
+            logprobs_mode=modes[1],
+        ),
+        SamplingParams(presence_penalty=1.0, top_k=50, logprobs=2, logprobs_mode=modes[0], seed=4),
+    ]
+    outputs = [[], [], [], [11, 12], [9, 9, 10]]
+    prompts = [[], [], [], [13], []]
+    out = sample(logits, params, [make_generator(p.seed or 0) for p in params], outputs, prompts)
+    processed = process_logits(logits, params, outputs, prompts).double()
+    expected_rows = []
+    for row, p in enumerate(params):
+        # what the token was drawn from: processed logits, tempered, cut by every filter
+        scaled = processed[row] / (p.temperature if not p.is_greedy else 1.0)
+        kept = truncate_logits(scaled[None].float(), [p])[0] > -math.inf
+        expected_rows.append(renormalised(scaled, kept))
+    expected = torch.stack(expected_rows)
+    assert out.processed_logprobs is not None
+    chosen = expected.gather(1, out.token_ids[:, None]).squeeze(1)
+    torch.testing.assert_close(out.processed_logprobs.double(), chosen, rtol=0, atol=1e-5)
+    assert out.processed_top_logprobs is not None and out.processed_top_token_ids is not None
+    for row, p in enumerate(params):
+        n = p.num_logprobs
+        top = out.processed_top_logprobs[row, :n].double()
+        torch.testing.assert_close(
+            top, expected[row].sort(descending=True).values[:n], atol=1e-5, rtol=0
+        )
+        assert bool(expected[row][out.token_ids[row]] > -math.inf)  # drawn from what is kept
+    # both: the processed values at the raw top ids, -inf where a filter cut the candidate
+    assert out.processed_at_raw_top is not None and out.top_token_ids is not None
+    for row in (1, 3):
+        at_raw = expected[row].gather(0, out.top_token_ids[row])
+        torch.testing.assert_close(
+            out.processed_at_raw_top[row].double(), at_raw, rtol=0, atol=1e-5
+        )
+    assert bool(torch.isinf(out.processed_at_raw_top[3]).any())  # top-4 cuts raw candidates
 
 
 def test_keep_input_logits_unchanged() -> None:
@@ -448,10 +528,13 @@ def test_give_each_row_of_mixed_batch_its_own_result() -> None:
         for position, i in enumerate(order):
             single = alone[i]
             assert out.token_ids[position] == single.token_ids[0]
-            torch.testing.assert_close(out.logprobs[position], single.logprobs[0])
             wanted = params[i].num_logprobs
+            if params[i].logprobs is not None:
+                assert out.logprobs is not None and single.logprobs is not None
+                torch.testing.assert_close(out.logprobs[position], single.logprobs[0])
             if wanted:
                 assert single.top_token_ids is not None and single.top_logprobs is not None
+                assert out.top_token_ids is not None and out.top_logprobs is not None
                 assert torch.equal(out.top_token_ids[position, :wanted], single.top_token_ids[0])
                 torch.testing.assert_close(
                     out.top_logprobs[position, :wanted], single.top_logprobs[0]

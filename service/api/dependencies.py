@@ -49,7 +49,8 @@ def get_state(request: Request) -> AppState:
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
-def _bearer_token(request: Request) -> str | None:
+def bearer_token(request: Request) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, if there is one."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
@@ -60,7 +61,7 @@ def require_api_key(request: Request) -> None:
     settings: Settings = request.app.state.settings
     if not settings.api_keys:
         return
-    token = _bearer_token(request)
+    token = bearer_token(request)
     if token is None:
         raise APIError(
             401,

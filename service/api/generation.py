@@ -1,35 +1,33 @@
-"""Between the routes and the engine: submit a request's engine requests, read their outputs.
+"""Between the routes and the engine: submit an API request's engine requests, read outputs.
 
 One HTTP request may be several engine requests (OpenAI's `n` and prompt lists). They are
-submitted all or none, read as one stream of `(index, output)`, and all aborted when the reader
-stops early for any reason (disconnect, error, cancellation).
+admitted all or none as one group, read as one stream of `(index, output)`, and all aborted when
+the reader stops early for any reason (disconnect, error, cancellation).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import hashlib
+import math
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 
+from fastapi import Request
 from starlette.types import Receive
 
-from model.sampling_params import SamplingParams
 from model.tokenizer import Tokenizer
+from service.api.dependencies import AppState, bearer_token
 from service.api.disconnect import cancel_on_disconnect
 from service.api.errors import APIError
-from service.api.metrics import Metrics
-from service.engine.async_engine import AsyncEngine, RequestStream
-from service.engine.errors import (
-    EngineNotReadyError,
-    InvalidRequestError,
-    QueueFullError,
-)
-from service.engine.params import StopParams
-from service.engine.request import FinishReason, RequestOutput, TokenOutput
+from service.engine.async_engine import RequestGroup, RequestSpec
+from service.engine.errors import EngineNotReadyError, InvalidRequestError, QueueFullError
+from service.engine.request import FinishReason, PromptLogprob, RequestOutput, TokenOutput
 
 # Longer texts are encoded on a worker thread, so the event loop keeps streaming meanwhile.
 ENCODE_OFF_LOOP_CHARS = 20_000
+# What -inf log-probabilities become in OpenAI-shaped answers (vLLM's value): JSON has no inf.
+OPENAI_MIN_LOGPROB = -9999.0
 
 
 async def encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:
@@ -43,6 +41,30 @@ async def encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int]) -> li
     return ids or [tokenizer.eos_token_id]
 
 
+def finite_or_none(value: float | None) -> float | None:
+    """A log-probability as JSON can carry it: NaN and -inf become None."""
+    if value is None or not math.isfinite(value):
+        return None
+    return value
+
+
+def openai_logprob(value: float | None) -> float | None:
+    """A log-probability for OpenAI's shape: -inf becomes -9999.0 (as vLLM), NaN None."""
+    if value is None or math.isnan(value):
+        return None
+    return max(value, OPENAI_MIN_LOGPROB)
+
+
+def client_of(request: Request) -> str:
+    """Who is asking, for fair scheduling: the API key when keys are configured (hashed, never
+    kept in the clear), else the client's connection (address and port)."""
+    token = bearer_token(request)
+    if token is not None and request.app.state.settings.api_keys:
+        return "key:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+    client = request.client
+    return f"conn:{client.host}:{client.port}" if client is not None else "conn:unknown"
+
+
 def _failure_reason(exc: Exception) -> str:
     if isinstance(exc, QueueFullError):
         return "queue_full"
@@ -51,99 +73,53 @@ def _failure_reason(exc: Exception) -> str:
     return "not_ready" if isinstance(exc, EngineNotReadyError) else "error"
 
 
-def abort_all(engine: AsyncEngine, streams: Sequence[RequestStream]) -> None:
-    """Abort every request of `streams` still live (a no-op for those that finished)."""
-    for stream in streams:
-        engine.abort(stream.request_id)
-
-
-def submit_all(
-    engine: AsyncEngine,
-    metrics: Metrics,
-    requests: Sequence[tuple[list[int], SamplingParams, StopParams]],
+def submit(
+    state: AppState,
+    http_request: Request,
+    specs: Sequence[RequestSpec],
     request_id: str,
-) -> list[RequestStream]:
-    """Submit every engine request of one HTTP request, or none: a failure aborts the rest."""
+    *,
+    priority: int = 0,
+    timeout: float | None = None,
+) -> RequestGroup:
+    """Admit every engine request of one HTTP request, or none."""
+    engine = state.engine
     if engine.is_draining:
-        metrics.count_failure("not_ready")
+        state.metrics.count_failure("not_ready")
         raise APIError(
             503, "the server is shutting down and takes no new requests", code="draining"
         )
-    streams: list[RequestStream] = []
+    if timeout is None:
+        timeout = state.settings.request_timeout
     try:
-        for index, (prompt_ids, sampling, stop) in enumerate(requests):
-            streams.append(engine.submit(prompt_ids, sampling, stop, f"{request_id}-{index}"))
+        return engine.submit_group(
+            specs,
+            request_id,
+            client_id=client_of(http_request),
+            priority=priority,
+            timeout=timeout,
+        )
     except Exception as exc:
-        abort_all(engine, streams)
-        metrics.count_failure(_failure_reason(exc))
+        state.metrics.count_failure(_failure_reason(exc))
         raise
-    return streams
 
 
-_END = object()
-
-
-class StreamGroup:
-    """Several request streams read as one async iterator of `(index, output)`.
-
-    Use it as `async with StreamGroup(...) as group: async for index, output in group`; leaving
-    the block, however it happens, aborts every request that has not finished.
-    """
-
-    def __init__(self, engine: AsyncEngine, streams: Sequence[RequestStream]) -> None:
-        self.engine = engine
-        self.streams = list(streams)
-        self._queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._num_open = len(self.streams)
-
-    async def __aenter__(self) -> StreamGroup:
-        self._tasks = [
-            asyncio.create_task(self._pump(index, stream))
-            for index, stream in enumerate(self.streams)
-        ]
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        abort_all(self.engine, self.streams)
-
-    async def _pump(self, index: int, stream: RequestStream) -> None:
-        try:
-            async for output in stream:
-                self._queue.put_nowait((index, output))
-        except Exception as exc:  # the reader raises it; a bug must not leave it waiting forever
-            self._queue.put_nowait((index, exc))
-        self._queue.put_nowait((index, _END))
-
-    def __aiter__(self) -> StreamGroup:
-        return self
-
-    async def __anext__(self) -> tuple[int, RequestOutput]:
-        while self._num_open:
-            index, item = await self._queue.get()
-            if item is _END:
-                self._num_open -= 1
-                continue
-            if isinstance(item, BaseException):
-                raise item
-            if not isinstance(item, RequestOutput):  # pragma: no cover - only outputs are queued
-                raise TypeError(f"unexpected stream item {item!r}")
-            if item.finish_reason is FinishReason.ABORT:
-                # The client's own disconnect cancels this reader first, so this abort came from
-                # the server: the drain timeout ran out during shutdown.
-                raise APIError(
-                    503, "the request was cancelled: the server is shutting down", code="aborted"
-                )
-            return index, item
-        raise StopAsyncIteration
+async def outputs(group: RequestGroup) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """The group's outputs; an abort the server made (shutdown, a stalled reader) is an error."""
+    async for index, output in group:
+        if output.finish_reason is FinishReason.ABORT:
+            # The client's own disconnect cancels this reader first, so this abort came from
+            # the server: the drain timeout ran out during shutdown.
+            raise APIError(
+                503, "the request was cancelled: the server is shutting down", code="aborted"
+            )
+        if output.finish_reason is FinishReason.STALLED:
+            raise APIError(
+                503,
+                "the request was cancelled: its stream was not read for too long",
+                code="stalled",
+            )
+        yield index, output
 
 
 @dataclass
@@ -155,6 +131,8 @@ class Completion:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    prompt_logprobs: list[PromptLogprob] | None = None
 
     @property
     def token_ids(self) -> list[int]:
@@ -167,24 +145,24 @@ class Completion:
         self.text += output.text
         self.num_prompt_tokens = output.num_prompt_tokens
         self.num_output_tokens = output.num_output_tokens
+        self.num_cached_tokens = output.num_cached_tokens
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = output.prompt_logprobs
         if output.finished and output.finish_reason is not None:
             self.finish_reason = output.finish_reason.value
 
 
-async def collect(engine: AsyncEngine, streams: Sequence[RequestStream]) -> list[Completion]:
-    """Read every stream to its end; one Completion per stream, in order."""
-    completions = [Completion() for _ in streams]
-    async with StreamGroup(engine, streams) as group:
-        async for index, output in group:
-            completions[index].add(output)
+async def collect(group: RequestGroup) -> list[Completion]:
+    """Read every request of the group to its end; one Completion per request, in order."""
+    completions = [Completion() for _ in group.requests]
+    async for index, output in outputs(group):
+        completions[index].add(output)
     return completions
 
 
-async def collect_until_disconnect(
-    receive: Receive, engine: AsyncEngine, streams: Sequence[RequestStream]
-) -> list[Completion]:
+async def collect_until_disconnect(receive: Receive, group: RequestGroup) -> list[Completion]:
     """`collect`, aborting everything at once if the client disconnects first."""
     try:
-        return await cancel_on_disconnect(receive, collect(engine, streams))
+        return await cancel_on_disconnect(receive, collect(group))
     finally:  # covers a cancellation that lands before `collect` even started
-        abort_all(engine, streams)
+        group.close()

@@ -73,6 +73,8 @@ def engine_config(settings: Settings, device: torch.device) -> EngineConfig:
         max_model_len=settings.max_model_len,
         truncate_prompt=settings.truncate_prompt,
         fast_decode=fast_decode,
+        max_slots_per_request=settings.max_slots_per_request,
+        reuse_prefixes=settings.prefix_caching,
     )
 
 
@@ -84,6 +86,7 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
     logger.info("loading %s on %s as %s", spec, device, str(dtype).removeprefix("torch."))
     loaded = load_model(spec, device, dtype)
     model = loaded.model
+    check_finite_weights(model, spec)
     if settings.quantization != "none":
         if device.type != "cpu" or dtype != torch.float32:
             raise ServeConfigError(
@@ -102,4 +105,19 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
     engine = LLMEngine(model, tokenizer, engine_config(settings, device))
     release_openmp_threads()  # loading ran here; the steps will run on the engine thread
     default_name = BUNDLED_MODEL_NAME if settings.model is None else loaded.name
-    return AsyncEngine(engine), settings.served_model_name or default_name
+    served = AsyncEngine(
+        engine,
+        max_queued_prompt_tokens=settings.max_queued_prompt_tokens,
+        stream_buffer=settings.stream_buffer,
+        stall_timeout=settings.stalled_stream_timeout,
+    )
+    return served, settings.served_model_name or default_name
+
+
+def check_finite_weights(model: torch.nn.Module, spec: str) -> None:
+    """Refuse weights holding NaN or infinity: they would serve garbage (or NaN logprobs)."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            raise ServeConfigError(
+                f"the weights of {spec} are damaged: {name} holds NaN or infinite values"
+            )

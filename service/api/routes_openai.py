@@ -2,29 +2,29 @@
 
 Choice `i` of prompt `p` has index `p * n + i`, as in OpenAI's API; each choice is one engine
 request. Token texts in `logprobs` are each token decoded alone; `text_offset` indexes into the
-choice's text (echoed prompt included).
+choice's text (echoed prompt included). With `echo` and `logprobs`, the prompt's tokens come
+first in `logprobs`, the first of them with a null log-probability (nothing comes before it).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Literal
 
 from fastapi import APIRouter, Request
 
-from model.tokenizer import Tokenizer
 from service.api.dependencies import AppState, StateDep
 from service.api.errors import APIError
 from service.api.generation import (
-    StreamGroup,
-    abort_all,
+    Completion,
     collect_until_disconnect,
     encode_prompt,
-    submit_all,
+    outputs,
+    submit,
 )
+from service.api.logprobs import LegacyLogprobs, vllm_prompt_logprobs
 from service.api.middleware import record_usage
 from service.api.openai_schemas import (
     CompletionChoice,
@@ -36,9 +36,8 @@ from service.api.openai_schemas import (
 )
 from service.api.schemas import Usage
 from service.api.sse import DONE, EventStreamResponse, error_event, format_event
-from service.engine.async_engine import RequestStream
-from service.engine.errors import PromptTooLongError
-from service.engine.request import FinishReason, TokenOutput
+from service.engine.async_engine import RequestGroup, RequestSpec
+from service.engine.request import FinishReason, PromptLogprob, RequestOutput
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -48,11 +47,11 @@ class Submitted:
     """The engine requests of one completion request, and what shaping the answer needs."""
 
     response_id: str
-    streams: list[RequestStream]
-    echo_prefixes: list[str]  # per choice: the prompt text when echo, else ""
+    group: RequestGroup
+    echo_texts: list[str]  # per choice: the prompt text when echo, else ""
 
 
-async def _submit(state: AppState, body: CompletionRequest) -> Submitted:
+async def _submit(state: AppState, body: CompletionRequest, http_request: Request) -> Submitted:
     body.check_supported()
     if body.model != state.model_name:
         raise APIError(
@@ -62,59 +61,76 @@ async def _submit(state: AppState, body: CompletionRequest) -> Submitted:
             param="model",
         )
     stop = body.to_stop_params()
+    mode = state.settings.logprobs_mode
     prompts = [await encode_prompt(state.tokenizer, prompt) for prompt in body.prompt]
-    work = [
-        (prompt_ids, body.to_sampling_params(sample), stop)
+    specs = [
+        RequestSpec(
+            prompt_ids,
+            body.to_sampling_params(sample, default_mode=mode),
+            stop,
+            body.num_prompt_logprobs,
+        )
         for prompt_ids in prompts
         for sample in range(body.n)
     ]
     response_id = f"cmpl-{uuid.uuid4().hex}"
-    try:
-        streams = submit_all(state.engine, state.metrics, work, response_id)
-    except PromptTooLongError as exc:  # the engine's message names its own max_new_tokens
-        message = str(exc).replace("max_new_tokens", "max_tokens")
-        raise PromptTooLongError(message, exc.param) from None
-    prefixes = [""] * len(work)
+    group = submit(
+        state, http_request, specs, response_id, priority=body.priority, timeout=body.timeout
+    )
+    texts = [""] * len(specs)
     if body.echo:  # after submit: the engine has checked the token ids, so they decode
         try:
-            texts = [p if isinstance(p, str) else state.tokenizer.decode(p) for p in body.prompt]
+            decoded = [p if isinstance(p, str) else state.tokenizer.decode(p) for p in body.prompt]
         except Exception:
-            abort_all(state.engine, streams)
+            group.close()
             raise
-        prefixes = [text for text in texts for _ in range(body.n)]
-    return Submitted(response_id, streams, prefixes)
+        texts = [text for text in decoded for _ in range(body.n)]
+    return Submitted(response_id, group, texts)
 
 
-def _logprobs(
-    tokenizer: Tokenizer, tokens: Sequence[TokenOutput], offset: int
-) -> tuple[CompletionLogprobs, int]:
-    """OpenAI-format logprobs of `tokens` whose text starts at `offset`; and the end offset."""
-    result = CompletionLogprobs()
-    for token in tokens:
-        text = tokenizer.decode([token.token_id])
-        top = {tokenizer.decode([tid]): logprob for tid, logprob in token.top_logprobs or ()}
-        if token.logprob is not None:
-            top.setdefault(text, token.logprob)
-        result.tokens.append(text)
-        result.token_logprobs.append(token.logprob)
-        result.top_logprobs.append(top)
-        result.text_offset.append(offset)
-        offset += len(token.text)
-    return result, offset
-
-
-def _finish_reason(reason: FinishReason | str | None) -> Literal["stop", "length"]:
-    """OpenAI's finish reasons: "length" for a length limit, "stop" for every other end."""
+def _finish_reason(reason: FinishReason | str | None) -> str:
+    """OpenAI's finish reasons: "length" for a length limit, "timeout" for a deadline (this
+    server's), "stop" for every other end."""
     value = reason.value if isinstance(reason, FinishReason) else reason
-    return "length" if value == FinishReason.LENGTH.value else "stop"
+    if value in (FinishReason.LENGTH.value, FinishReason.TIMEOUT.value):
+        return value
+    return "stop"
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
-    return Usage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-    )
+class _ChoiceShaper:
+    """Turns one choice's outputs into OpenAI's text and logprobs, piece by piece."""
+
+    def __init__(self, state: AppState, body: CompletionRequest, echo_text: str) -> None:
+        self.state = state
+        self.body = body
+        self.echo_text = echo_text
+        self.is_echoed = not body.echo
+        self.offset = 0
+
+    def piece(
+        self, text: str, output: RequestOutput | Completion
+    ) -> tuple[str, CompletionLogprobs | None]:
+        """The text and logprobs of a piece (the first piece carries the echoed prompt)."""
+        tokenizer = self.state.tokenizer
+        legacy = LegacyLogprobs() if self.body.logprobs is not None else None
+        if not self.is_echoed:
+            self.is_echoed = True
+            text = self.echo_text + text
+            entries: list[PromptLogprob] | None = output.prompt_logprobs
+            if legacy is not None and entries is not None:
+                self.offset = legacy.add_prompt(tokenizer, entries, self.offset)
+            else:
+                self.offset = len(self.echo_text)
+        if legacy is None:
+            return text, None
+        self.offset = legacy.add_generated(tokenizer, output.tokens, self.offset)
+        return text, CompletionLogprobs(**vars(legacy))
+
+    def prompt_logprobs(self, output: RequestOutput | Completion) -> list | None:  # type: ignore[type-arg]
+        """vLLM's prompt_logprobs, when the request asked for them by that name."""
+        if self.body.prompt_logprobs is None or output.prompt_logprobs is None:
+            return None
+        return vllm_prompt_logprobs(self.state.tokenizer, output.prompt_logprobs)
 
 
 @router.post("/completions", response_model=None)
@@ -123,41 +139,46 @@ async def completions(
 ) -> CompletionResponse | EventStreamResponse:
     """OpenAI's text completions, streamed (`stream: true`) or not, with vLLM's extensions.
 
-    Not supported, and refused with a 400: `suffix`, `best_of` other than `n`, and `echo`
-    together with `logprobs`.
+    `echo` with `logprobs` (and `max_tokens: 0` to score without generating) returns the
+    prompt tokens' log-probabilities, as lm-evaluation-harness needs. Not supported, and refused
+    with a 400: `suffix`, and `best_of` other than `n`.
     """
-    submitted = await _submit(state, body)
+    submitted = await _submit(state, body, request)
     if body.stream:
         events = _completion_chunks(state, body, submitted, request)
-        return EventStreamResponse(
-            events,
-            state.settings.keepalive_interval,
-            on_close=lambda: abort_all(state.engine, submitted.streams),
-        )
-    results = await collect_until_disconnect(request.receive, state.engine, submitted.streams)
+        return EventStreamResponse(events, state.settings.keepalive_interval, submitted.group)
+    results = await collect_until_disconnect(request.receive, submitted.group)
     choices = []
     for index, result in enumerate(results):
-        prefix = submitted.echo_prefixes[index]
-        logprobs = None
-        if body.logprobs is not None:
-            logprobs, _ = _logprobs(state.tokenizer, result.tokens, len(prefix))
+        shaper = _ChoiceShaper(state, body, submitted.echo_texts[index])
+        text, logprobs = shaper.piece(result.text, result)
         choices.append(
             CompletionChoice(
                 index=index,
-                text=prefix + result.text,
+                text=text,
                 logprobs=logprobs,
-                finish_reason=_finish_reason(result.finish_reason),
+                finish_reason=_finish_reason(result.finish_reason),  # type: ignore[arg-type]
+                prompt_logprobs=shaper.prompt_logprobs(result),
             )
         )
-    prompt_tokens = sum(result.num_prompt_tokens for result in results[:: body.n])
-    completion_tokens = sum(result.num_output_tokens for result in results)
-    record_usage(request.state, prompt_tokens, completion_tokens)
+    usage = _usage(results, body.n)
+    record_usage(request.state, usage.prompt_tokens, usage.completion_tokens)
     return CompletionResponse(
         id=submitted.response_id,
         created=int(time.time()),
         model=state.model_name,
         choices=choices,
-        usage=_usage(prompt_tokens, completion_tokens),
+        usage=usage,
+    )
+
+
+def _usage(results: list[Completion], n: int) -> Usage:
+    """Prompt tokens count once per prompt, not once per choice."""
+    per_prompt = results[::n]
+    return Usage.of(
+        sum(result.num_prompt_tokens for result in per_prompt),
+        sum(result.num_output_tokens for result in results),
+        sum(result.num_cached_tokens for result in per_prompt),
     )
 
 
@@ -166,11 +187,9 @@ async def _completion_chunks(
 ) -> AsyncIterator[str]:
     """The SSE chunks of a streamed completion, ending with `[DONE]` whatever happens."""
     created = int(time.time())
-    num_choices = len(submitted.streams)
-    offsets = [len(prefix) for prefix in submitted.echo_prefixes]
-    echoed = [not prefix for prefix in submitted.echo_prefixes]
-    prompt_tokens = [0] * num_choices
-    completion_tokens = [0] * num_choices
+    num_choices = len(submitted.echo_texts)
+    shapers = [_ChoiceShaper(state, body, text) for text in submitted.echo_texts]
+    finals = [Completion() for _ in range(num_choices)]
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         response = CompletionResponse(
@@ -183,24 +202,19 @@ async def _completion_chunks(
         return format_event(response.model_dump(mode="json"))
 
     try:
-        async with StreamGroup(state.engine, submitted.streams) as group:
-            async for index, output in group:
-                text = output.text
-                if not echoed[index]:
-                    text, echoed[index] = submitted.echo_prefixes[index] + text, True
-                logprobs = None
-                if body.logprobs is not None:
-                    logprobs, offsets[index] = _logprobs(
-                        state.tokenizer, output.tokens, offsets[index]
-                    )
-                prompt_tokens[index] = output.num_prompt_tokens
-                completion_tokens[index] = output.num_output_tokens
-                finish_reason = _finish_reason(output.finish_reason) if output.finished else None
-                choice = CompletionChoice(
-                    index=index, text=text, logprobs=logprobs, finish_reason=finish_reason
-                )
-                yield chunk([choice])
-        usage = _usage(sum(prompt_tokens[:: body.n]), sum(completion_tokens))
+        async for index, output in outputs(submitted.group):
+            finals[index].add(output)
+            text, logprobs = shapers[index].piece(output.text, output)
+            finish_reason = _finish_reason(output.finish_reason) if output.finished else None
+            choice = CompletionChoice(
+                index=index,
+                text=text,
+                logprobs=logprobs,
+                finish_reason=finish_reason,  # type: ignore[arg-type]
+                prompt_logprobs=shapers[index].prompt_logprobs(output),
+            )
+            yield chunk([choice])
+        usage = _usage(finals, body.n)
         record_usage(request.state, usage.prompt_tokens, usage.completion_tokens)
         if body.include_usage:
             yield chunk([], usage)

@@ -1,26 +1,55 @@
-"""Request and response bodies of /generate, /stream, /tokenize and /detokenize.
+"""Request and response bodies of /generate, /stream, /tokenize and /detokenize, and the
+sampling fields every generation route shares.
 
-Request schemas check types (strictly: `"5"` is not a number); the ranges of sampling and stop
-fields are checked once, by `SamplingParams` and `StopParams`, when a schema converts itself.
+Request schemas check types (strictly: `"5"` is not a number) and the ranges that name their own
+fields; the ranges of the sampling settings are checked once, by `SamplingParams`, when a schema
+converts itself. Text that cannot be encoded as UTF-8 (a lone surrogate such as "\\ud800",
+which JSON allows) is refused in any field, naming it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from model.sampling_params import SamplingParams
+from model.sampling_params import LOGPROBS_MODES, SamplingParams
 from service.engine.errors import InvalidRequestError
 from service.engine.params import StopParams
 
 DEFAULT_MAX_NEW_TOKENS = 64
+MAX_LOGPROBS = 20
+LogprobsMode = Literal["raw_logprobs", "processed_logprobs", "raw_and_processed_logprobs"]
+assert set(LogprobsMode.__args__) == set(LOGPROBS_MODES)  # type: ignore[attr-defined]
+
+
+def check_encodable(value: Any) -> Any:
+    """Refuse strings (and mapping keys) that UTF-8 cannot encode, such as lone surrogates."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                "the text holds a lone surrogate (such as \\ud800) that is not a character; "
+                "send valid Unicode"
+            ) from None
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            check_encodable(key)
+            check_encodable(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            check_encodable(item)
+    return value
 
 
 class StrictModel(BaseModel):
-    """A request body: unknown fields and loosely typed values are errors, not silence."""
+    """A request body: unknown fields, loosely typed values and unencodable text are errors."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    _check_text = field_validator("*", mode="before")(check_encodable)
 
 
 def parse_logit_bias(logit_bias: Mapping[str, float] | None) -> dict[int, float] | None:
@@ -76,15 +105,16 @@ def derive_seed(seed: int | None, index: int) -> int | None:
 
 
 class SamplingFields(StrictModel):
-    """Sampling and stop fields shared by /generate and /stream (vLLM's names and meanings)."""
+    """The sampling, stop and scheduling fields every generation route takes, with vLLM's
+    names and meanings; `null` for a number means its default."""
 
-    temperature: float = Field(1.0, description="0 is greedy; [0, 100]")
+    temperature: float | None = Field(1.0, description="0 is greedy; [0, 100]")
     top_k: int = Field(0, description="keep the k most likely tokens; 0 or -1: off")
-    top_p: float = Field(1.0, description="nucleus sampling mass, (0, 1]; 1: off")
+    top_p: float | None = Field(1.0, description="nucleus sampling mass, (0, 1]; 1: off")
     min_p: float = Field(0.0, description="drop tokens below min_p x the top probability; [0, 1]")
     repetition_penalty: float = Field(1.0, description="> 0; 1: off")
-    presence_penalty: float = Field(0.0, description="[-2, 2]")
-    frequency_penalty: float = Field(0.0, description="[-2, 2]")
+    presence_penalty: float | None = Field(0.0, description="[-2, 2]")
+    frequency_penalty: float | None = Field(0.0, description="[-2, 2]")
     logit_bias: dict[str, float] | None = Field(
         None, description='added to the logits: {"token id": bias in [-100, 100]}'
     )
@@ -94,27 +124,74 @@ class SamplingFields(StrictModel):
     )
     stop_token_ids: list[int] | None = Field(None, description="token ids that end generation")
     ignore_eos: bool = Field(False, description="keep generating past end-of-text")
-    min_tokens: int = Field(0, description="tokens to generate before any stop condition")
+    min_tokens: int = Field(0, ge=0, description="tokens to generate before any stop condition")
+    include_stop_str_in_output: bool = Field(False, description="keep the stop string")
     logprobs: int | None = Field(
-        None, description="return the log-probability of each token and this many alternatives"
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="return each token's log-probability and this many alternatives (0-20)",
+    )
+    logprobs_mode: LogprobsMode | None = Field(
+        None,
+        description="raw_logprobs: the model's softmax; processed_logprobs: the distribution the "
+        "token was drawn from (after bias, penalties, temperature, top-k/top-p/min-p, "
+        "renormalised); raw_and_processed_logprobs (/generate and /stream): raw, each with "
+        "its processed value beside it; default: the server's --logprobs-mode",
+    )
+    prompt_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="return each prompt token's log-probability given the tokens before it, "
+        "with this many alternatives (0-20); the first token has none",
+    )
+    priority: int = Field(0, description="scheduling priority: lower values go first")
+    timeout: float | None = Field(
+        None,
+        gt=0,
+        description="seconds the request may wait and run in all; then it ends with "
+        "finish_reason 'timeout'; default: the server's --request-timeout",
     )
 
     _check_stop = field_validator("stop", mode="before")(check_stop)
 
-    def to_sampling_params(self, index: int = 0) -> SamplingParams:
+    def to_sampling_params(
+        self, index: int = 0, default_mode: str = "raw_logprobs"
+    ) -> SamplingParams:
         """The engine's sampling settings for sample `index` of this request."""
         return SamplingParams(
-            temperature=self.temperature,
+            temperature=1.0 if self.temperature is None else self.temperature,
             top_k=self.top_k,
-            top_p=self.top_p,
+            top_p=1.0 if self.top_p is None else self.top_p,
             min_p=self.min_p,
             repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
             logit_bias=parse_logit_bias(self.logit_bias),
             seed=derive_seed(self.seed, index),
             logprobs=self.logprobs,
+            logprobs_mode=self.logprobs_mode or default_mode,
         )
+
+    def stop_params(self, max_new_tokens: int | None) -> StopParams:
+        """The engine's stop conditions, with the route's own token limit."""
+        return StopParams(
+            max_new_tokens=max_new_tokens,
+            stop=stop_strings(self.stop),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+        )
+
+    def check_min_tokens(self, limit_name: str, limit: int | None) -> None:
+        """min_tokens may not exceed the route's token limit (named as the route names it)."""
+        if limit is not None and self.min_tokens > limit:
+            raise InvalidRequestError(
+                f"min_tokens ({self.min_tokens}) must not exceed {limit_name} ({limit})",
+                "min_tokens",
+            )
 
 
 class GenerateRequest(SamplingFields):
@@ -123,20 +200,23 @@ class GenerateRequest(SamplingFields):
     prompt: str | list[int] = Field(description="text, or a list of token ids")
     max_new_tokens: int | None = Field(
         DEFAULT_MAX_NEW_TOKENS,
-        description="tokens to generate at most; null: up to the context window",
+        ge=0,
+        description="tokens to generate at most; 0: score the prompt only (with prompt_logprobs); "
+        "null: up to the context window",
     )
 
     _check_prompt = field_validator("prompt", mode="before")(check_token_prompt)
 
     def to_stop_params(self) -> StopParams:
         """The engine's stop conditions for this request."""
-        return StopParams(
-            max_new_tokens=self.max_new_tokens,
-            stop=stop_strings(self.stop),
-            stop_token_ids=tuple(self.stop_token_ids or ()),
-            ignore_eos=self.ignore_eos,
-            min_tokens=self.min_tokens,
-        )
+        self.check_min_tokens("max_new_tokens", self.max_new_tokens)
+        return self.stop_params(self.max_new_tokens)
+
+
+class PromptTokensDetails(BaseModel):
+    """Where the prompt's tokens came from."""
+
+    cached_tokens: int = Field(description="prompt tokens reused from the prefix cache")
 
 
 class Usage(BaseModel):
@@ -145,6 +225,17 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
+        """Counts with their total."""
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+        )
 
 
 class TopLogprob(BaseModel):
@@ -152,15 +243,22 @@ class TopLogprob(BaseModel):
 
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None
+    processed_logprob: float | None = Field(
+        None,
+        description="with raw_and_processed_logprobs: its log-probability in the distribution "
+        "sampled from; null when the request's filters cut it off",
+    )
 
 
 class TokenLogprob(BaseModel):
-    """A generated token's log-probability and the most likely alternatives."""
+    """A token's log-probability and the most likely alternatives at its position."""
 
     token_id: int
     token: str
     logprob: float | None
+    processed_logprob: float | None = None
+    rank: int | None = Field(None, description="prompt tokens: 1 for the most likely token")
     top_logprobs: list[TopLogprob] | None = None
 
 
@@ -174,6 +272,9 @@ class GenerateResponse(BaseModel):
     finish_reason: str
     usage: Usage
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = Field(
+        None, description="one entry per prompt token; the first has logprob null"
+    )
 
 
 class TokenizeRequest(StrictModel):

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from service.api.disconnect import cancel_on_disconnect
 from service.api.errors import ClientDisconnectedError, to_api_error
+
+if TYPE_CHECKING:
+    from service.engine.async_engine import RequestGroup
 
 logger = logging.getLogger(__name__)
 
@@ -79,20 +82,31 @@ class EventStreamResponse(StreamingResponse):
         self,
         events: AsyncIterator[str],
         keepalive_interval: float,
-        on_close: Callable[[], None] | None = None,
+        group: RequestGroup | None = None,
     ) -> None:
         super().__init__(with_keepalive(events, keepalive_interval), headers=SSE_HEADERS)
-        self.on_close = on_close  # runs however the response ends, even if it never started
+        self.group = group  # closed however the response ends, even if it never started
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        streaming = asyncio.ensure_future(cancel_on_disconnect(receive, self.stream_response(send)))
+        if self.group is not None:
+            # A reader that stopped reading for too long: its work is aborted; stop waiting on
+            # its socket too, so the connection closes.
+            self.group.stalled_callbacks.append(streaming.cancel)
         try:
-            await cancel_on_disconnect(receive, self.stream_response(send))
+            await streaming
         except (ClientDisconnectedError, OSError):
             pass  # the client is gone: nothing to send, the work is already cancelled
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            # Cancelled by the stall callback: the response ends unfinished, so the server
+            # closes the connection.
         finally:
             body = self.body_iterator
             aclose = getattr(body, "aclose", None)
             if aclose is not None:
                 await aclose()
-            if self.on_close is not None:
-                self.on_close()
+            if self.group is not None:
+                self.group.close()

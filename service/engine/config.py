@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from model.validation import is_int
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -15,12 +17,18 @@ class EngineConfig:
     max_model_len: int | None = None  # context window; None = the model's positions
     truncate_prompt: bool = False  # left-truncate prompts that do not fit instead of failing
     fast_decode: bool = False  # decode at bucketed shapes, replayed as CUDA graphs on CUDA
+    max_slots_per_request: int | None = None  # slots one API request's choices may hold at once
+    reuse_prefixes: bool = True  # start prompts from a prefix cached in a slot, when one is
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_prefill_tokens"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_slots_per_request is not None and self.max_slots_per_request < 1:
+            raise ValueError(
+                f"max_slots_per_request must be >= 1 or None, got {self.max_slots_per_request}"
+            )
         if self.max_queue_size < 0:
             raise ValueError(f"max_queue_size must be >= 0, got {self.max_queue_size}")
         if self.max_model_len is not None and self.max_model_len < 2:

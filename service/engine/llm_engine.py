@@ -1,14 +1,14 @@
 """The synchronous step loop: schedule, run the model, turn tokens into events.
 
-`step()` runs on one thread (the engine thread); `add_request()` and `abort()` may be called
-from another, so the scheduler's state is guarded by one lock. The forward pass itself runs
-outside the lock, so submits and aborts never wait for the model.
+One thread owns an LLMEngine: it adds and aborts requests and runs `step()`; nothing here is
+locked. `make_request()` only reads the engine's fixed configuration, so the event loop may call
+it to validate a request before handing it to the engine thread (see AsyncEngine).
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -17,6 +17,7 @@ from model.gpt2 import GPT
 from model.sampling import SamplingParams
 from model.sampling_params import SamplingParamsError
 from model.tokenizer import Tokenizer
+from model.validation import is_int
 from service.engine.config import EngineConfig
 from service.engine.errors import (
     EngineError,
@@ -26,14 +27,16 @@ from service.engine.errors import (
 )
 from service.engine.output_processor import OutputProcessor
 from service.engine.params import StopParams
-from service.engine.request import FinishReason, Request, RequestOutput
-from service.engine.runner import ModelRunner, SampledToken
+from service.engine.request import FinishReason, PromptLogprob, Request, RequestOutput
+from service.engine.runner import ModelRunner, StepResult
 from service.engine.scheduler import Scheduler, SchedulerOutput
 from service.engine.stats import EngineListener, EngineStats
 
 logger = logging.getLogger(__name__)
 
 Sink = Callable[[RequestOutput], None]
+Event = tuple[Request, RequestOutput]
+MAX_PROMPT_LOGPROBS = 20
 
 
 def _discard(_: RequestOutput) -> None:
@@ -58,8 +61,9 @@ class LLMEngine:
         self.vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)
         self.scheduler = Scheduler(
             num_slots=self.config.max_batch_size,
-            max_waiting=self.config.max_queue_size,
             max_prefill_tokens=self.config.max_prefill_tokens,
+            max_slots_per_group=self.config.max_slots_per_request,
+            reuse_prefixes=self.config.reuse_prefixes,
         )
         self.runner = ModelRunner(
             model,
@@ -72,17 +76,29 @@ class LLMEngine:
         self.output_processor = OutputProcessor(tokenizer, tokenizer.eos_token_id)
         self.stats = EngineStats()
         self.listeners: list[EngineListener] = [self.stats, *listeners]
-        self._lock = threading.Lock()
+        self._deadlines: list[tuple[float, int, Request]] = []  # a min-heap
+        self.last_step_num_rows = 0  # rows the last step ran (0: nothing was runnable)
 
-    def add_request(
+    # ------------------------------------------------------------------ building requests
+
+    def make_request(
         self,
         prompt_token_ids: Sequence[int],
         sampling: SamplingParams,
         stop: StopParams,
         sink: Sink = _discard,
         request_id: str | None = None,
+        *,
+        priority: int = 0,
+        client_id: str = "",
+        group_id: str = "",
+        timeout: float | None = None,
+        prompt_logprobs: int | None = None,
     ) -> Request:
-        """Validate and queue a request; raises InvalidRequestError or QueueFullError at once."""
+        """Validate a request and build its state; raises InvalidRequestError at once.
+
+        Safe from any thread: it reads only the engine's fixed configuration.
+        """
         prompt = self._check_prompt(prompt_token_ids, stop)
         try:
             sampling.validate_for_vocab(self.vocab_size)
@@ -94,18 +110,31 @@ class LLMEngine:
                     f"stop_token_ids must be < {self.vocab_size}, got {token_id}",
                     "stop_token_ids",
                 )
-        max_new = stop.max_new_tokens or self.max_model_len - len(prompt)
+        if prompt_logprobs is not None and not 0 <= prompt_logprobs <= MAX_PROMPT_LOGPROBS:
+            raise InvalidRequestError(
+                f"prompt_logprobs must be in [0, {MAX_PROMPT_LOGPROBS}], got {prompt_logprobs}",
+                "prompt_logprobs",
+            )
+        if timeout is not None and not timeout > 0:
+            raise InvalidRequestError(f"timeout must be > 0 seconds, got {timeout}", "timeout")
+        max_new = stop.max_new_tokens
+        if max_new is None:
+            max_new = self.max_model_len - len(prompt)
+        request_id = request_id or uuid.uuid4().hex
         request = Request(
-            request_id=request_id or uuid.uuid4().hex,
+            request_id=request_id,
             prompt_token_ids=prompt,
             sampling=sampling,
             stop=stop,
             max_total_tokens=len(prompt) + max_new,
             sink=sink,
+            priority=priority,
+            client_id=client_id,
+            group_id=group_id or request_id,
+            prompt_logprobs=prompt_logprobs,
         )
-        self.output_processor.prepare(request)
-        with self._lock:
-            self.scheduler.add(request)
+        if timeout is not None:
+            request.deadline = request.arrival_time + timeout
         return request
 
     def _check_prompt(self, prompt_token_ids: Sequence[int], stop: StopParams) -> list[int]:
@@ -113,7 +142,7 @@ class LLMEngine:
         if not prompt:
             raise InvalidRequestError("the prompt is empty: give at least one token", "prompt")
         for token_id in prompt:
-            if isinstance(token_id, bool) or not isinstance(token_id, int):
+            if not is_int(token_id):
                 raise InvalidRequestError("prompt token ids must be integers", "prompt")
             if not 0 <= token_id < self.vocab_size:
                 raise InvalidRequestError(
@@ -121,36 +150,65 @@ class LLMEngine:
                     "prompt",
                 )
         limit = self.max_model_len
-        max_new = stop.max_new_tokens or 1
+        max_new = 1 if stop.max_new_tokens is None else stop.max_new_tokens
         if len(prompt) + max_new <= limit:
             return prompt
         if self.config.truncate_prompt and max_new < limit:
             return prompt[len(prompt) - (limit - max_new) :]
-        raise PromptTooLongError(
-            f"the prompt has {len(prompt)} tokens and {max_new} new tokens were asked for: "
-            f"{len(prompt) + max_new} in all, more than the context window of {limit} tokens; "
-            "shorten the prompt or lower max_new_tokens",
-            "prompt",
+        raise PromptTooLongError(len(prompt), max_new, limit)
+
+    # --------------------------------------------------------------------- engine thread
+
+    def add(self, request: Request) -> None:
+        """Queue a request built by `make_request`."""
+        self.output_processor.prepare(request)
+        self.scheduler.add(request)
+        if request.deadline is not None:
+            heapq.heappush(self._deadlines, (request.deadline, request.arrival_index, request))
+
+    def add_request(
+        self,
+        prompt_token_ids: Sequence[int],
+        sampling: SamplingParams,
+        stop: StopParams,
+        sink: Sink = _discard,
+        request_id: str | None = None,
+        **options: object,
+    ) -> Request:
+        """`make_request` and `add` in one call (for a caller that owns the engine)."""
+        request = self.make_request(
+            prompt_token_ids,
+            sampling,
+            stop,
+            sink,
+            request_id,
+            **options,  # type: ignore[arg-type]
         )
+        self.add(request)
+        return request
 
     def has_work(self) -> bool:
         """Whether any request is waiting or running."""
         return self.scheduler.has_work()
 
-    def abort(self, request_id: str) -> Request | None:
-        """End a waiting or running request now and free its slot; returns it, if it was live."""
-        with self._lock:
-            request = self.scheduler.get(request_id)
-            if request is None:
-                return None
-            request.finish_reason = FinishReason.ABORT
-            self._end(request)
-        return request
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> Event | None:
+        """End a waiting or running request now and free its slot; returns its last event."""
+        request = self.scheduler.get(request_id)
+        if request is None:
+            return None
+        request.finish_reason = reason
+        self._end(request)
+        return request, request.final_output()
+
+    def set_paused(self, request_id: str, is_paused: bool) -> None:
+        """Pause a running request (it keeps its slot but takes no steps) or resume it."""
+        request = self.scheduler.get(request_id)
+        if request is not None:
+            request.is_paused = is_paused
 
     def _end(self, request: Request) -> None:
-        """Take a request out for good; the caller holds the lock."""
+        """Take a request out for good."""
         self.scheduler.finish(request)
-        # A step in flight may recreate the request's generator; _process releases it again.
         self.runner.release(request.request_id)
         self._notify("on_request_finished", request)
 
@@ -162,97 +220,127 @@ class LLMEngine:
             except Exception:
                 logger.exception("engine listener %r failed in %s", listener, hook)
 
-    def step(self) -> list[tuple[Request, RequestOutput]]:
+    def step(self) -> list[Event]:
         """Run one forward step for everyone scheduled; returns the events it produced."""
-        with self._lock:
-            work = self.scheduler.schedule()
+        events = self._expire(time.monotonic())
+        work = self.scheduler.schedule()
+        self._admitted(work)
+        self.last_step_num_rows = work.num_rows
         if work.is_empty:
-            return []
-        for chunk in work.prefills:
-            if chunk.start == 0:  # admitted this step
-                self._notify("on_request_scheduled", chunk.request)
+            return events
         try:
-            sampled = self.runner.execute(work)
+            result = self.runner.execute(work)
         except Exception as exc:  # one bad step must not take the other requests down
             logger.exception("forward step failed; failing its %d requests", work.num_rows)
-            return self._fail(work, exc)
-        return self._process(work, sampled)
+            return events + self._fail(work, exc)
+        return events + self._process(work, result)
 
-    def _process(
-        self, work: SchedulerOutput, sampled: dict[str, SampledToken]
-    ) -> list[tuple[Request, RequestOutput]]:
-        events: list[tuple[Request, RequestOutput]] = []
+    def _expire(self, now: float) -> list[Event]:
+        """End the requests whose deadline has passed."""
+        events = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, request = heapq.heappop(self._deadlines)
+            if not request.is_finished:
+                event = self.abort(request.request_id, FinishReason.TIMEOUT)
+                if event is not None:
+                    events.append(event)
+        return events
+
+    def _admitted(self, work: SchedulerOutput) -> None:
+        for request in work.admitted:
+            if request.prompt_logprobs is not None and not request.prompt_logprob_entries:
+                first = request.prompt_token_ids[0]
+                request.prompt_logprob_entries = [PromptLogprob(first, None)]
+            if request.num_output_tokens == 0 and request.first_token_time is None:
+                self._notify("on_request_scheduled", request)
+
+    def _process(self, work: SchedulerOutput, result: StepResult) -> list[Event]:
+        events: list[Event] = []
         now = time.monotonic()
-        num_prompt_tokens = sum(chunk.length for chunk in work.prefills)
-        with self._lock:
-            for chunk in work.prefills:
-                chunk.request.num_computed_tokens += chunk.length
-            for request in work.decodes:
-                request.num_computed_tokens += 1
-            for request in [chunk.request for chunk in work.prefills] + work.decodes:
-                if request.is_finished:  # aborted while the step ran
-                    self.runner.release(request.request_id)
-                    continue
-                token = sampled.get(request.request_id)
-                if token is None:  # a prompt chunk that does not reach the end of the prompt
-                    continue
-                try:
+        for request, entries in result.prompt_logprobs.items():
+            live = self.scheduler.get(request)
+            if live is not None:
+                live.prompt_logprob_entries.extend(entries)
+        ready: list[Request] = []
+        for chunk in work.prefills:
+            chunk.request.num_computed_tokens += chunk.length
+            if chunk.completes_tokens:
+                ready.append(chunk.request)
+        for request in work.decodes:
+            request.num_computed_tokens += 1
+            ready.append(request)
+        for request in ready:
+            token = result.sampled.get(request.request_id)
+            try:
+                if token is None:  # the prompt is scored and nothing is to be generated
+                    request.finish_reason = FinishReason.LENGTH
+                    event = request.final_output()
+                else:
                     event = self.output_processor.process(request, token)
-                except Exception as exc:  # fail this request alone, keep the others going
-                    logger.exception("output processing failed for %s", request.request_id)
-                    events.append((request, self._fail_request(request, exc)))
-                    continue
+            except Exception as exc:  # fail this request alone, keep the others going
+                logger.exception("output processing failed for %s", request.request_id)
+                events.append((request, self._fail_request(request, exc)))
+                continue
+            if request.prompt_logprobs is not None and not request.is_prompt_logprobs_sent:
+                event.prompt_logprobs = request.prompt_logprob_entries
+                request.is_prompt_logprobs_sent = True
+            if token is not None:
                 self._notify("on_token", request, now)
                 if request.first_token_time is None:
                     request.first_token_time = now
                 request.last_token_time = now
-                if event.finished:
-                    self._end(request)
-                events.append((request, event))
-        self._notify("on_step", work.num_rows, num_prompt_tokens, len(sampled))
+            if event.finished:
+                self._end(request)
+            events.append((request, event))
+        self._notify("on_step", work.num_rows, work.num_prefill_tokens, len(result.sampled))
         return events
 
     def _fail_request(self, request: Request, exc: Exception) -> RequestOutput:
-        """End one request with a StepFailedError; the caller holds the lock."""
+        """End one request with a StepFailedError."""
         request.finish_reason = FinishReason.ERROR
         self._end(request)
         error = StepFailedError(f"the forward step failed: {type(exc).__name__}: {exc}")
         return request.final_output(error)
 
-    def _fail(self, work: SchedulerOutput, exc: Exception) -> list[tuple[Request, RequestOutput]]:
-        with self._lock:
-            requests = [chunk.request for chunk in work.prefills] + work.decodes
-            return [
-                (request, self._fail_request(request, exc))
-                for request in requests
-                if not request.is_finished
-            ]
+    def _fail(self, work: SchedulerOutput, exc: Exception) -> list[Event]:
+        requests = [chunk.request for chunk in work.prefills] + work.decodes
+        slots = [r.slot for r in requests if r.slot is not None]
+        slots += [copy.target for copy in work.copies]
+        events = [(r, self._fail_request(r, exc)) for r in requests if not r.is_finished]
+        # What the step wrote into these slots cannot be trusted for reuse.
+        self.scheduler.forget_slot_contents(slots)
+        return events
 
-    def fail_all(self, error: EngineError) -> list[tuple[Request, RequestOutput]]:
+    def fail_all(self, error: EngineError) -> list[Event]:
         """End every live request with `error` (the engine loop is going down)."""
-        with self._lock:
-            live = list(self.scheduler.waiting) + list(self.scheduler.running)
-            for request in live:
-                request.finish_reason = FinishReason.ERROR
-                self._end(request)
+        live = self.scheduler.live_requests()
+        for request in live:
+            request.finish_reason = FinishReason.ERROR
+            self._end(request)
         return [(request, request.final_output(error)) for request in live]
 
     def warm_up(self) -> None:
-        """Run a full batch of short requests once, so the first real ones are not slow, then
-        capture the fast decode path's CUDA graphs; raises the first step failure it met."""
+        """Check the model's logits are finite, run a full batch of short requests once so the
+        first real ones are not slow, then capture the fast decode path's CUDA graphs; raises
+        the first failure it met."""
+        self.runner.check_logits()
         max_new = min(2, self.max_model_len - 1)
         stop = StopParams(max_new_tokens=max_new, ignore_eos=True)
-        prompt = list(range(max(1, min(8, self.max_model_len - max_new))))
         listeners, self.listeners = self.listeners, []  # warm-up is not traffic: keep it out
         error: EngineError | None = None
         try:
-            for _ in range(self.config.max_batch_size):
+            for index in range(self.config.max_batch_size):
+                # Distinct prompts: warm-up should run every row, not reuse one prefix.
+                length = max(1, min(8, self.max_model_len - max_new))
+                prompt = [(index * 8 + i) % self.vocab_size for i in range(length)]
                 self.add_request(prompt, SamplingParams(temperature=0.0), stop)
             while self.has_work():
                 for _, event in self.step():
                     error = error or event.error
         finally:
             self.listeners = listeners
+        for slot in range(self.scheduler.num_slots):  # warm-up prompts are nobody's prefix
+            self.scheduler.pool.forget(slot)
         if error is not None:
             raise error
         self.capture_decode_graphs()

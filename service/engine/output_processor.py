@@ -73,7 +73,13 @@ class OutputProcessor:
         end = len(text) if finished else len(text) - self._held_back(request)
         new_text = text[request.num_emitted_chars : end] if end > request.num_emitted_chars else ""
         request.num_emitted_chars = max(request.num_emitted_chars, end)
-        token = TokenOutput(sampled.token_id, new_text, sampled.logprob, sampled.top_logprobs)
+        token = TokenOutput(
+            sampled.token_id,
+            new_text,
+            sampled.logprob,
+            sampled.top_logprobs,
+            sampled.processed_logprob,
+        )
         return RequestOutput(
             request_id=request.request_id,
             tokens=[token],
@@ -82,6 +88,7 @@ class OutputProcessor:
             num_output_tokens=request.num_output_tokens,
             finished=finished,
             finish_reason=request.finish_reason,
+            num_cached_tokens=request.num_cached_tokens,
         )
 
     @staticmethod

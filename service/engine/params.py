@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from model.validation import is_int
 from service.engine.errors import InvalidRequestError
 
 MAX_STOP_STRINGS = 16
@@ -15,7 +16,8 @@ MAX_STOP_STRING_LENGTH = 256
 class StopParams:
     """Stop conditions, checked after every generated token.
 
-    `max_new_tokens=None` means up to the model's context window.
+    `max_new_tokens=None` means up to the model's context window; 0 computes the prompt (and
+    its log-probabilities, when asked) and generates nothing.
     """
 
     max_new_tokens: int | None = 16
@@ -27,15 +29,13 @@ class StopParams:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens is not None and (
-            isinstance(self.max_new_tokens, bool)
-            or not isinstance(self.max_new_tokens, int)
-            or self.max_new_tokens < 1
+            not is_int(self.max_new_tokens) or self.max_new_tokens < 0
         ):
             raise InvalidRequestError(
-                f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}",
+                f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}",
                 "max_new_tokens",
             )
-        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int):
+        if not is_int(self.min_tokens):
             raise InvalidRequestError("min_tokens must be an integer", "min_tokens")
         if self.min_tokens < 0 or (
             self.max_new_tokens is not None and self.min_tokens > self.max_new_tokens
@@ -52,7 +52,7 @@ class StopParams:
                     "stop",
                 )
         for token_id in self.stop_token_ids:
-            if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+            if not is_int(token_id) or token_id < 0:
                 raise InvalidRequestError(
                     f"stop_token_ids must be non-negative token ids, got {token_id!r}",
                     "stop_token_ids",

@@ -1,26 +1,42 @@
-"""The one place tensors are built: batches in, plain token ids out."""
+"""The one place tensors are built: batches in, plain token ids and log-probabilities out."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from model.gpt2 import GPT
 from model.kv_cache import BatchLayout, KVCache
-from model.sampling import sample
+from model.sampling import SamplerOutput, SamplingState, sample
 from service.engine.decode_graphs import DecodeGraphs
-from service.engine.request import Request
-from service.engine.scheduler import SchedulerOutput
+from service.engine.errors import ModelNotUsableError
+from service.engine.request import PromptLogprob, Request, TopLogprobs
+from service.engine.scheduler import PrefillChunk, SchedulerOutput
+
+# Prompt log-probabilities go through the head this many positions at a time, so a long prompt
+# never holds a (length x vocabulary) block of logits at once.
+PROMPT_LOGPROBS_CHUNK = 256
 
 
 @dataclass
 class SampledToken:
-    """What the runner hands back for one row: a token id and, when asked, log-probabilities."""
+    """What the runner hands back for one sampled row: a token id and, when asked, its
+    log-probabilities (under the request's logprobs_mode) and the top alternatives."""
 
     token_id: int
-    logprob: float
-    top_logprobs: list[tuple[int, float]] | None = None
+    logprob: float | None = None
+    top_logprobs: TopLogprobs | None = None
+    processed_logprob: float | None = None  # with raw_and_processed_logprobs
+
+
+@dataclass
+class StepResult:
+    """One step's results, by request id."""
+
+    sampled: dict[str, SampledToken] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[PromptLogprob]] = field(default_factory=dict)
+    num_forward_tokens: int = 0  # tokens put through the model (prompt chunks and decodes)
 
 
 class ModelRunner:
@@ -45,7 +61,7 @@ class ModelRunner:
         # The fast path pads batches with rows that write to a scratch slot nobody owns.
         cache_slots = num_slots + 1 if fast_decode else num_slots
         self.cache = KVCache(model.config, cache_slots, max_model_len, self.device, self.dtype)
-        self._generators: dict[str, torch.Generator] = {}
+        self._states: dict[str, SamplingState] = {}
         self.decode_graphs = (
             DecodeGraphs(model, self.cache, num_slots, num_slots, max_model_len)
             if fast_decode
@@ -58,54 +74,60 @@ class ModelRunner:
             self.decode_graphs.capture()
 
     @torch.inference_mode()
-    def execute(self, work: SchedulerOutput) -> dict[str, SampledToken]:
-        """Run one step; returns a sampled token for each request that produced one."""
+    def execute(self, work: SchedulerOutput) -> StepResult:
+        """Run one step: cache copies, prompt chunks, decode rows, then sampling."""
+        result = StepResult(num_forward_tokens=work.num_prefill_tokens + len(work.decodes))
+        for copy in work.copies:
+            self.cache.copy_prefix(copy.source, copy.target, copy.num_tokens)
         sampled_rows: list[Request] = []
         logits_parts: list[torch.Tensor] = []
         if work.prefills:
-            logits = self._run_prefill(work)
-            keep = [i for i, chunk in enumerate(work.prefills) if chunk.completes_prompt]
+            hidden = self._run_prefill(work.prefills)  # (B, T, C)
+            self._prompt_logprobs(work.prefills, hidden, result)
+            keep = [i for i, chunk in enumerate(work.prefills) if chunk.samples]
             if keep:
-                logits_parts.append(logits[keep])
+                rows = torch.tensor(keep, device=self.device)
+                last = torch.tensor([work.prefills[i].length - 1 for i in keep], device=self.device)
+                logits_parts.append(self.model.logits(hidden[rows, last]))  # (K, vocab)
                 sampled_rows.extend(work.prefills[i].request for i in keep)
         if work.decodes:
             logits_parts.append(self._run_decode(work.decodes))
             sampled_rows.extend(work.decodes)
-        if not sampled_rows:
-            return {}
-        logits = torch.cat(logits_parts) if len(logits_parts) > 1 else logits_parts[0]
-        return self._sample(sampled_rows, logits)
+        if sampled_rows:
+            logits = torch.cat(logits_parts) if len(logits_parts) > 1 else logits_parts[0]
+            result.sampled = self._sample(sampled_rows, logits)
+        return result
 
-    def _run_prefill(self, work: SchedulerOutput) -> torch.Tensor:
-        chunks = work.prefills
+    def _run_prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
         width = max(chunk.length for chunk in chunks)
         rows = [
-            chunk.request.prompt_token_ids[chunk.start : chunk.start + chunk.length]
+            chunk.request.tokens_between(chunk.start, chunk.start + chunk.length)
             + [0] * (width - chunk.length)
             for chunk in chunks
         ]
         layout = BatchLayout.build(
-            [chunk.request.slot or 0 for chunk in chunks],
+            [_slot(chunk.request) for chunk in chunks],
             [chunk.start for chunk in chunks],
             [chunk.length for chunk in chunks],
             self.max_model_len,
             self.device,
         )
         idx = torch.tensor(rows, dtype=torch.long, device=self.device)  # (B, T)
-        return self.model.forward_cached(idx, self.cache, layout)  # (B, vocab)
+        return self.model.hidden_cached(idx, self.cache, layout)  # (B, T, C)
 
     def _run_decode(self, requests: list[Request]) -> torch.Tensor:
         # Each decode row feeds the last sampled token, which is not in the cache yet.
         if self.decode_graphs is not None and self.decode_graphs.is_active:
             return self.decode_graphs(
                 [r.token_at(r.num_computed_tokens) for r in requests],
-                [r.slot or 0 for r in requests],
+                [_slot(r) for r in requests],
                 [r.num_computed_tokens for r in requests],
             )
-        order = sorted(range(len(requests)), key=lambda i: requests[i].slot or 0)
+        slots = [_slot(r) for r in requests]
+        order = sorted(range(len(requests)), key=slots.__getitem__)
         ordered = [requests[i] for i in order]  # by slot, so the rows' cache is often one view
         layout = BatchLayout.build(
-            [r.slot or 0 for r in ordered],
+            [slots[i] for i in order],
             [r.num_computed_tokens for r in ordered],
             [1] * len(ordered),
             self.max_model_len,
@@ -117,9 +139,69 @@ class ModelRunner:
             device=self.device,
         )  # (B, 1)
         logits = self.model.forward_cached(idx, self.cache, layout)  # (B, vocab), in slot order
+        if order == sorted(order):
+            return logits
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
         return logits[inverse.to(self.device)]
+
+    def _prompt_logprobs(
+        self, chunks: list[PrefillChunk], hidden: torch.Tensor, result: StepResult
+    ) -> None:
+        """Log-probabilities of the prompt tokens these chunks give the logits for.
+
+        Position p's logits score token p + 1. Entries already known (a request recomputing
+        after preemption, or reusing a cached prefix) are not computed again.
+        """
+        pieces: list[torch.Tensor] = []  # hidden states (n, C), all rows' positions in a row
+        targets: list[int] = []
+        spans: list[tuple[Request, int]] = []  # request, number of tokens
+        for row, chunk in enumerate(chunks):
+            request = chunk.request
+            if not request.wants_prompt_logprobs:
+                continue
+            first = max(chunk.start + 1, len(request.prompt_logprob_entries))
+            last = min(chunk.start + chunk.length, request.num_prompt_tokens - 1)  # inclusive
+            if first > last:
+                continue
+            pieces.append(hidden[row, first - 1 - chunk.start : last - chunk.start])
+            targets.extend(request.prompt_token_ids[first : last + 1])
+            spans.append((request, last - first + 1))
+        if not pieces:
+            return
+        states = torch.cat(pieces)  # (N, C)
+        target_ids = torch.tensor(targets, dtype=torch.long, device=self.device)
+        num_top = max(r.prompt_logprobs or 0 for r, _ in spans)
+        chosen_parts, rank_parts, top_value_parts, top_id_parts = [], [], [], []
+        for begin in range(0, states.shape[0], PROMPT_LOGPROBS_CHUNK):
+            end = begin + PROMPT_LOGPROBS_CHUNK
+            logits = self.model.logits(states[begin:end]).float()
+            if self.vocab_size < logits.shape[-1]:
+                logits = logits[:, : self.vocab_size]
+            logprobs = torch.log_softmax(logits, dim=-1)  # (n, V), one block at a time
+            chosen = logprobs.gather(1, target_ids[begin:end, None])  # (n, 1)
+            chosen_parts.append(chosen.squeeze(1))
+            rank_parts.append((logprobs > chosen).sum(dim=-1) + 1)
+            if num_top:
+                values, ids = logprobs.topk(num_top, dim=-1)
+                top_value_parts.append(values)
+                top_id_parts.append(ids)
+        chosen_values = torch.cat(chosen_parts).tolist()
+        ranks = torch.cat(rank_parts).tolist()
+        top_values = torch.cat(top_value_parts).tolist() if num_top else None
+        top_ids = torch.cat(top_id_parts).tolist() if num_top else None
+        offset = 0
+        for request, count in spans:
+            wanted = request.prompt_logprobs or 0
+            entries = []
+            for i in range(count):
+                top = None
+                if wanted and top_ids is not None and top_values is not None:
+                    top = TopLogprobs(top_ids[offset + i][:wanted], top_values[offset + i][:wanted])
+                at = offset + i
+                entries.append(PromptLogprob(targets[at], chosen_values[at], top, ranks[at]))
+            result.prompt_logprobs[request.request_id] = entries
+            offset += count
 
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> dict[str, SampledToken]:
         logits = logits.float()
@@ -133,36 +215,80 @@ class ModelRunner:
                     banned.append(self.eos_token_id)
                 if banned:
                     logits[row, banned] = float("-inf")
-        result = sample(
-            logits,
-            [r.sampling for r in requests],
-            [self._generator(r) for r in requests],
-            [r.output_token_ids for r in requests],
-            [r.prompt_token_ids for r in requests],
-        )
-        token_ids = result.token_ids.tolist()
-        logprobs = result.logprobs.tolist()
-        top_ids = result.top_token_ids.tolist() if result.top_token_ids is not None else None
-        top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
-        out: dict[str, SampledToken] = {}
-        for row, request in enumerate(requests):
-            top = None
-            wanted = request.sampling.logprobs
-            if wanted and top_ids is not None and top_lps is not None:
-                top = list(zip(top_ids[row][:wanted], top_lps[row][:wanted], strict=True))
-            out[request.request_id] = SampledToken(token_ids[row], logprobs[row], top)
-        return out
+        states = [self._state(r) for r in requests]
+        out = sample(logits, states)
+        token_ids = out.token_ids.tolist()
+        for state, token_id in zip(states, token_ids, strict=True):
+            if state.output_counts is not None:
+                state.record(token_id)
+        if all(r.sampling.logprobs is None for r in requests):
+            return {r.request_id: SampledToken(t) for r, t in zip(requests, token_ids, strict=True)}
+        return _with_logprobs(requests, token_ids, out)
 
-    def _generator(self, request: Request) -> torch.Generator | None:
-        seed = request.sampling.seed
-        if seed is None:
-            return None
-        generator = self._generators.get(request.request_id)
-        if generator is None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-            self._generators[request.request_id] = generator
-        return generator
+    def _state(self, request: Request) -> SamplingState:
+        state = self._states.get(request.request_id)
+        if state is None:
+            state = SamplingState.create(
+                request.sampling, self.vocab_size, request.prompt_token_ids, self.device
+            )
+            for token_id in request.output_token_ids:  # recomputing after preemption
+                state.record(token_id)
+            self._states[request.request_id] = state
+        return state
 
     def release(self, request_id: str) -> None:
-        """Forget a finished request's per-request state (its random generator)."""
-        self._generators.pop(request_id, None)
+        """Forget a finished request's per-request state (its generator and tensors)."""
+        self._states.pop(request_id, None)
+
+    @torch.inference_mode()
+    def check_logits(self) -> None:
+        """Raise ModelNotUsableError unless a short forward pass gives finite logits."""
+        length = min(8, self.max_model_len)
+        idx = torch.arange(length, device=self.device).remainder(self.vocab_size)[None, :]
+        logits = self.model(idx)[..., : self.vocab_size]  # (1, T, vocab)
+        if not bool(torch.isfinite(logits).all()):
+            raise ModelNotUsableError(
+                "the model's logits are not finite numbers (NaN or infinity): its weights are "
+                "damaged or were saved in a dtype that overflowed; refusing to serve it"
+            )
+
+
+def _slot(request: Request) -> int:
+    if request.slot is None:
+        raise RuntimeError(f"request {request.request_id} is scheduled without a cache slot")
+    return request.slot
+
+
+def _with_logprobs(
+    requests: list[Request], token_ids: list[int], out: SamplerOutput
+) -> dict[str, SampledToken]:
+    """Plain-Python log-probabilities for the rows that asked, under their logprobs_mode."""
+
+    def rows(tensor: torch.Tensor | None) -> list | None:  # type: ignore[type-arg]
+        return tensor.tolist() if tensor is not None else None
+
+    raw, raw_top_ids, raw_top = rows(out.logprobs), rows(out.top_token_ids), rows(out.top_logprobs)
+    processed = rows(out.processed_logprobs)
+    processed_top_ids = rows(out.processed_top_token_ids)
+    processed_top = rows(out.processed_top_logprobs)
+    processed_at_raw = rows(out.processed_at_raw_top)
+    result: dict[str, SampledToken] = {}
+    for row, request in enumerate(requests):
+        params = request.sampling
+        token = SampledToken(token_ids[row])
+        wanted = params.num_logprobs
+        if params.wants_raw_logprobs and raw is not None:
+            token.logprob = raw[row]
+            if wanted and raw_top_ids is not None and raw_top is not None:
+                token.top_logprobs = TopLogprobs(raw_top_ids[row][:wanted], raw_top[row][:wanted])
+            if params.wants_processed_logprobs and processed is not None:
+                token.processed_logprob = processed[row]
+                if token.top_logprobs is not None and processed_at_raw is not None:
+                    token.top_logprobs.processed_logprobs = processed_at_raw[row][:wanted]
+        elif params.wants_processed_logprobs and processed is not None:
+            token.logprob = processed[row]
+            if wanted and processed_top_ids is not None and processed_top is not None:
+                ids, values = processed_top_ids[row][:wanted], processed_top[row][:wanted]
+                token.top_logprobs = TopLogprobs(ids, values)
+        result[request.request_id] = token
+    return result
