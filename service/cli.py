@@ -5,10 +5,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 # Each subcommand lives in service/commands/<name>.py with `register(subparsers)`, which adds
 # its parser and sets `func` (args -> exit code). Modules import heavy dependencies lazily.
 COMMANDS: list[str] = ["bench", "serve", "train"]
+
+
+def package_version() -> str:
+    """The installed gptserve's version (from its package metadata)."""
+    try:
+        return version("gptserve")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gptserve",
         description="A batched text-generation service for GPT-2-class models.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMANDS:
         module = importlib.import_module(f"service.commands.{module_name}")

@@ -16,6 +16,7 @@ from service.api.errors import install_error_handlers
 from service.api.loader import load_engine
 from service.api.metrics import Metrics
 from service.api.middleware import REQUEST_ID_HEADER, RequestContextMiddleware
+from service.api.openapi_errors import error_responses, install_openapi_errors
 from service.api.settings import Settings
 from service.engine.async_engine import AsyncEngine
 
@@ -84,9 +85,9 @@ def create_app(
 
     protected = [Depends(require_api_key)]
     app.include_router(routes_health.router)
-    app.include_router(routes_generate.router, dependencies=protected)
-    app.include_router(routes_openai.router, dependencies=protected)
-    app.include_router(routes_tokenize.router, dependencies=protected)
+    for module in (routes_generate, routes_openai, routes_tokenize):
+        app.include_router(module.router, dependencies=protected, responses=error_responses(401))
+    install_openapi_errors(app)
 
     # Added last = outermost: CORS headers go on every answer, the request id's included.
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)

@@ -1,4 +1,9 @@
-"""Log setup for `gptserve serve`: plain text lines, or one JSON object per line."""
+"""Log setup for `gptserve serve`: plain text lines, or one JSON object per line.
+
+Logs go to stderr. The start-up summary (where the server listens, what it serves) goes to stdout
+through its own logger, at every log level, so scripts can wait for it; in json mode it is a JSON
+object like every other line.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,9 @@ from datetime import datetime, timezone
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
+
+STARTUP_LOGGER = "gptserve.startup"  # the summary line on stdout
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class JsonFormatter(logging.Formatter):
@@ -30,15 +38,23 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "info", log_format: str = "text") -> None:
-    """Send every logger (uvicorn's included) to stderr in the chosen format."""
+    """Send every logger (uvicorn's and Python's warnings included) to stderr in one format."""
+    is_json = log_format == "json"
     handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if is_json else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    logging.captureWarnings(True)  # warnings.warn(...) lines become log records too
+
+    startup_handler = logging.StreamHandler(sys.stdout)
+    startup_handler.setFormatter(
+        JsonFormatter() if is_json else logging.Formatter("gptserve: %(message)s")
+    )
+    startup = logging.getLogger(STARTUP_LOGGER)
+    startup.handlers[:] = [startup_handler]
+    startup.setLevel(logging.INFO)
+    startup.propagate = False

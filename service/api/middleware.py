@@ -1,12 +1,13 @@
 """Per-request plumbing: request id, body-size limit, access log, and the last-resort 500.
 
 A plain ASGI middleware rather than Starlette's BaseHTTPMiddleware, so streamed responses pass
-through untouched and the disconnect of a client still reaches the route.
+through untouched and the disconnect of a client still reaches the route. The probe routes
+(`/health`, `/ready`, `/metrics`), which load balancers and Prometheus poll every few seconds,
+are logged at DEBUG so they do not bury the requests at INFO.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -15,12 +16,13 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import BodyTooLargeError, to_api_error
+from service.api.errors import BodyTooLargeError, error_response, to_api_error
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("gptserve.access")
 
 REQUEST_ID_HEADER = "x-request-id"
+PROBE_PATHS = frozenset({"/health", "/ready", "/metrics"})  # access-logged at DEBUG
 # Ids from clients end up in logs and headers: accept only short, plain ones.
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
@@ -101,23 +103,10 @@ class RequestContextMiddleware:
             err = to_api_error(exc, request_id)
             if err.status == 500:
                 logger.exception("request %s failed", request_id)
-            if status is None:  # nothing sent yet: answer with the error
-                await self._send_error(send_with_id, err.status, err.body(), err.headers)
+            if status is None:  # nothing sent yet: answer with the error, as the routes do
+                await error_response(err)(scope, receive, send_with_id)
         finally:
             self._log_access(scope, state, request_id, status, started)
-
-    @staticmethod
-    async def _send_error(
-        send: Send, status: int, body: dict[str, Any], headers: dict[str, str]
-    ) -> None:
-        payload = json.dumps(body).encode()
-        raw_headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(payload)).encode()),
-            *((key.lower().encode(), value.encode()) for key, value in headers.items()),
-        ]
-        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-        await send({"type": "http.response.body", "body": payload})
 
     @staticmethod
     def _log_access(
@@ -125,7 +114,9 @@ class RequestContextMiddleware:
     ) -> None:
         latency_ms = (time.perf_counter() - started) * 1000
         usage = state.get("usage") or {}
-        access_logger.info(
+        level = logging.DEBUG if scope.get("path") in PROBE_PATHS else logging.INFO
+        access_logger.log(
+            level,
             "%s %s %s %s %.1fms prompt_tokens=%s completion_tokens=%s request_id=%s",
             scope.get("client", ("-",))[0] if scope.get("client") else "-",
             scope.get("method", "-"),

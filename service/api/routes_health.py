@@ -1,4 +1,8 @@
-"""Liveness, readiness and Prometheus metrics: open even when API keys are set."""
+"""Liveness, readiness and Prometheus metrics: open even when API keys are set.
+
+`HEAD /health` and `HEAD /ready` answer with the same status and headers as GET, without a body,
+for probes that only look at the status.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.api.dependencies import StateDep
 from service.api.errors import APIError
+from service.api.openapi_errors import error_responses
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/health")
+@router.get("/health", responses=error_responses(503))
+@router.head("/health", include_in_schema=False)
 async def health(state: StateDep) -> dict[str, str]:
     """Liveness: 200 while the process and the engine loop are alive (or still starting)."""
     engine = state.engine
@@ -22,7 +28,8 @@ async def health(state: StateDep) -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", responses=error_responses(503))
+@router.head("/ready", include_in_schema=False)
 async def ready(state: StateDep) -> dict[str, str]:
     """Readiness: 200 once the model is loaded and warmed up; 503 before, and while draining."""
     engine = state.engine

@@ -1,0 +1,113 @@
+"""The one line `gptserve serve` prints once it listens: where, what model, and how it is sized."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+from model.packed_linear import PackedLinear
+from service.api.dependencies import AppState
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StartupSummary:
+    """What a person starting the server needs to know, as fields (also the JSON line's)."""
+
+    url: str
+    docs_url: str
+    model: str  # the served name
+    model_source: str  # bundled | folder | checkpoint | hub
+    model_path: str  # what --model named; empty for the bundled model
+    num_parameters: int
+    device: str
+    dtype: str
+    quantization: str  # none | int8
+    packed_weights: bool
+    num_threads: int  # torch's CPU threads
+    context_window: int  # tokens
+    batch_slots: int
+    kv_cache_bytes: int
+    max_queue: int
+
+    def message(self) -> str:
+        """The human line; it starts with `listening on <url> ` for scripts that wait for it."""
+        if self.model_source == "bundled":
+            source = "the bundled model"
+        else:
+            source = f"{self.model_source} {self.model_path}"
+        return (
+            f"listening on {self.url} (docs at {self.docs_url}); "
+            f"model {self.model} ({source}, {format_count(self.num_parameters)} parameters); "
+            f"{self.device} {self.dtype}, quantization {self.quantization}, "
+            f"packed weights {'on' if self.packed_weights else 'off'}, "
+            f"{self.num_threads} threads; "
+            f"context {self.context_window} tokens, {self.batch_slots} batch slots, "
+            f"KV cache {self.kv_cache_bytes / MIB:.1f} MiB, queue {self.max_queue}"
+        )
+
+    def fields(self) -> dict[str, object]:
+        """The fields for a structured (JSON) log line."""
+        return asdict(self)
+
+
+def format_count(count: int) -> str:
+    """7259008 -> 7.26M, 1557611200 -> 1.56B."""
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if count >= size:
+            return f"{count / size:.2f}{unit}"
+    return str(count)
+
+
+def model_source(spec: str | None) -> str:
+    """Where `--model` points: the bundled model, a folder, a checkpoint file, or a Hub name."""
+    if not spec:
+        return "bundled"
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return "folder"
+    if path.is_file():
+        return "checkpoint"
+    return "hub"
+
+
+def quantization_of(model: nn.Module) -> str:
+    """int8 when the linear layers run on int8 weights (model/quantize.py), else none."""
+    is_int8 = any(isinstance(module, DynamicInt8Linear) for module in model.modules())
+    return "int8" if is_int8 else "none"
+
+
+def http_url(host: str, port: int) -> str:
+    """http://host:port, with IPv6 addresses in brackets."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+def startup_summary(state: AppState, host: str, port: int) -> StartupSummary:
+    """The summary of the app's state once it listens on host:port."""
+    settings = state.settings
+    engine = state.engine.engine
+    model = engine.model
+    url = http_url(host, port)
+    return StartupSummary(
+        url=url,
+        docs_url=f"{url}/docs",
+        model=state.model_name,
+        model_source=model_source(settings.model),
+        model_path=settings.model or "",
+        num_parameters=model.config.num_parameters,
+        device=str(model.device),
+        dtype=str(model.dtype).removeprefix("torch."),
+        quantization=quantization_of(model),
+        packed_weights=any(isinstance(module, PackedLinear) for module in model.modules()),
+        num_threads=torch.get_num_threads(),
+        context_window=engine.max_model_len,
+        batch_slots=engine.config.max_batch_size,
+        kv_cache_bytes=engine.runner.cache.num_bytes,
+        max_queue=engine.config.max_queue_size,
+    )
