@@ -23,11 +23,15 @@
 #       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .   # online, CPU only
 #   docker/make-wheelhouse.sh && docker build --build-arg OFFLINE=1 -t gptserve .   # offline
 #
-# Run it: `docker run --gpus all -p 8000:8000 gptserve`. All configuration goes through GPTSERVE_*
-# environment variables (`gptserve serve --help` lists them). Stop it with
-# `docker stop -t 45` (or compose's `stop_grace_period`), which has to be longer than
-# GPTSERVE_DRAIN_TIMEOUT (30 s by default). On SIGTERM the server stops taking new requests and
-# lets in-flight ones finish. Docker's default of 10 s would kill streams that are still running.
+# Run it:
+#
+#   docker run --gpus all -p 127.0.0.1:8000:8000 gptserve
+#
+# All configuration goes through GPTSERVE_* environment variables (`gptserve serve --help` lists
+# them). Stop it with `docker stop -t 45` (or compose's `stop_grace_period`), which has to be
+# longer than GPTSERVE_DRAIN_TIMEOUT (30 s by default). On SIGTERM the server stops taking new
+# requests and lets in-flight ones finish. Docker's default of 10 s would kill streams that are
+# still running.
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 

@@ -18,7 +18,7 @@
 # Kept between runs (both ignored by git): .container-test/ (the Docker data root, the linters'
 # venv, logs) and docker/wheelhouse/*.whl. Delete them to start from scratch.
 # Environment: CT_STATE_DIR (default .container-test), CT_PORT (default: a free port),
-# CT_TORCH_SPEC (default torch==2.13.0, whose CPU wheel is on these machines' disk),
+# CT_TORCH_SPEC (default torch==2.13.0, from wherever the host's pip finds it),
 # CT_DRAIN_TOKENS (default 600), PYTHON (default python3).
 set -euo pipefail
 
@@ -290,10 +290,15 @@ compose_check() {
     port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     url=http://127.0.0.1:$port
     compose_project=gptserve-ct-$$
-    export GPTSERVE_IMAGE=$IMAGE GPTSERVE_HOST_PORT=$port
+    # GPTSERVE_SERVED_MODEL_NAME proves that compose passes settings through from the shell.
+    export GPTSERVE_IMAGE=$IMAGE GPTSERVE_HOST_PORT=$port GPTSERVE_SERVED_MODEL_NAME=ct-compose
     compose up -d --no-build gptserve-cpu >"$STATE/compose.log" 2>&1 ||
         fail "docker-compose up failed: $(tail -5 "$STATE/compose.log")"
     "${client[@]}" ready "$url" --timeout 300 | sed 's/^/    /'
+    "$PYTHON" -c 'import json, sys, urllib.request
+ids = [m["id"] for m in json.load(urllib.request.urlopen(sys.argv[1] + "/v1/models"))["data"]]
+sys.exit(0 if ids == ["ct-compose"] else f"compose did not pass the settings through: {ids}")' "$url"
+    info "compose passes GPTSERVE_* through: /v1/models lists ct-compose"
     "${client[@]}" generate "$url" | sed 's/^/    /'
     compose stop gptserve-cpu >>"$STATE/compose.log" 2>&1  # waits up to stop_grace_period
     exit_code=$(docker inspect -f '{{.State.ExitCode}}' "$(compose ps -q gptserve-cpu)")
@@ -306,7 +311,7 @@ compose_check() {
 main() {
     ((EUID == 0)) || fail "run as root: it installs packages and starts dockerd"
     mkdir -p "$STATE"
-    tmp=$(mktemp -d /tmp/gptserve-ct.XXXXXX)
+    tmp=$(mktemp -d -t gptserve-ct.XXXXXX)
 
     step "install the engine and the linters"
     install_packages

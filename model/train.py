@@ -156,8 +156,14 @@ class Trainer:
         self.best_iter = 0
         self.elapsed_before = 0.0  # seconds spent by earlier runs of this training
         self.samples: list[str] = []
+        self._bar: tqdm | None = None  # the progress bar of a running `run`
         if saved is not None:
             self._restore(saved)
+
+    def _show_phase(self, phase: str) -> None:
+        """Name what the run is doing on its progress bar (evaluations take a while)."""
+        if self._bar is not None:
+            self._bar.set_description_str(phase, refresh=True)
 
     def _autocast(self) -> AbstractContextManager[Any]:
         if self.device.type == "cuda":
@@ -217,6 +223,8 @@ class Trainer:
         last = config.max_iters if stop_at is None else min(stop_at, config.max_iters)
         started = time.perf_counter()
         bar = tqdm(total=config.max_iters, initial=self.step, disable=not progress, unit="it")
+        self._bar = bar
+        self._show_phase("training")
         window_start, window_steps = time.perf_counter(), 0
         try:
             while self.step < last:
@@ -230,6 +238,7 @@ class Trainer:
                     window_start, window_steps = time.perf_counter(), 0
         except KeyboardInterrupt:
             bar.close()
+            self._bar = None
             if self.evals:
                 saved_at = self.evals[-1]["iter"]
                 self.log(f"interrupted at step {self.step}; resuming continues from {saved_at}")
@@ -237,6 +246,7 @@ class Trainer:
                 self.log(f"interrupted at step {self.step}, before the first save")
             raise
         bar.close()
+        self._bar = None
         elapsed = self.elapsed_before + time.perf_counter() - started
         if self.step < config.max_iters:  # stopped early: leave a state to resume from
             self._save_state(elapsed)
@@ -252,6 +262,7 @@ class Trainer:
         )
 
     def _evaluate_and_save(self, elapsed: float) -> None:
+        self._show_phase("evaluating")
         record = self.evaluate()
         self.evals.append(record)
         is_best = record["val_loss"] < self.best_val_loss
@@ -269,10 +280,13 @@ class Trainer:
             + (" (best so far, saved)" if is_best else "")
         )
         if self.config.sample_tokens > 0:
+            self._show_phase("sampling")
             text = self.sample()
             self.samples.append(text)
             self.log(f"--- sample at step {self.step} ---{text}\n---")
+        self._show_phase("saving")
         self._save_state(elapsed)
+        self._show_phase("training")
 
     def _metadata(self, record: dict[str, Any], elapsed: float) -> dict[str, Any]:
         """What the checkpoint records about how it was made."""

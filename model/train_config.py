@@ -81,7 +81,8 @@ class TrainConfig:
         _check_int("seed", self.seed, minimum=0)
         if self.warmup_iters >= self.max_iters:
             raise TrainConfigError(
-                f"warmup_iters ({self.warmup_iters}) must be less than max_iters ({self.max_iters})"
+                f"warmup_iters ({self.warmup_iters}) must be less than max_iters "
+                f"({self.max_iters}); pass a smaller --warmup-iters"
             )
         _check_number("dropout", self.dropout, 0.0, 1.0, high_open=True)
         _check_number("val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)

@@ -31,7 +31,8 @@ def prepare_out_dir(path: Path, resume: bool) -> None:
         raise TrainError(f"{path}: no {TRAIN_STATE_FILE} to resume from")
     if not resume and any((path / name).exists() for name in (TRAIN_STATE_FILE, CONFIG_FILE)):
         raise TrainError(
-            f"{path}: already holds a training run; resume it, or choose another output folder"
+            f"{path}: already holds a training run; pass --resume to continue it, or choose "
+            "another --out-dir"
         )
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,8 @@ FIELD_HELP: dict[str, str] = {
     "max_iters": "optimizer steps",
     "learning_rate": "peak learning rate, reached at the end of warm-up",
     "min_lr": "learning rate at the last step (cosine decay)",
-    "warmup_iters": "steps of linear learning-rate warm-up",
+    "warmup_iters": "steps of linear learning-rate warm-up; when not given and --max-iters is "
+    "not above it, a tenth of --max-iters",
     "weight_decay": "AdamW weight decay, on 2-D weights only",
     "beta1": "AdamW beta1",
     "beta2": "AdamW beta2",
@@ -42,6 +43,31 @@ FIELD_HELP: dict[str, str] = {
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _default(name: str) -> Any:
+    return next(spec.default for spec in fields(TrainConfig) if spec.name == name)
+
+
+DEFAULT_WARMUP_ITERS: int = _default("warmup_iters")
+SCALED_WARMUP_SHARE = 10  # a short run warms up for a tenth of its steps
+
+
+def scale_warmup(given: dict[str, Any]) -> str | None:
+    """For a run shorter than the default warm-up, warm up for a tenth of it instead.
+
+    Only when --warmup-iters was not given; returns a note saying so, or None.
+    """
+    max_iters = given.get("max_iters")
+    if "warmup_iters" in given or not isinstance(max_iters, int):
+        return None
+    if max_iters > DEFAULT_WARMUP_ITERS:
+        return None
+    given["warmup_iters"] = max_iters // SCALED_WARMUP_SHARE
+    return (
+        f"--max-iters {max_iters} is not above the default warm-up of {DEFAULT_WARMUP_ITERS} "
+        f"steps, so warming up for {given['warmup_iters']} (pass --warmup-iters to choose)"
+    )
 
 
 def register(subparsers: Any) -> None:
@@ -104,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
         elif "data" not in given:
             raise TrainConfigError("--data is required (unless --resume)")
         else:
+            note = scale_warmup(given)
+            if note:
+                print(f"gptserve train: {note}", file=sys.stderr)
             config = TrainConfig(**given)
         result = train(
             config, resume=args.resume, command=shlex.join(command), progress=not args.no_progress
