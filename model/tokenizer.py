@@ -204,6 +204,12 @@ class Tokenizer:
         """Encode text; a literal '<|endoftext|>' in it is plain text, never the special token."""
         return self._encoding.encode_ordinary(text)
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Encode a prompt: '<|endoftext|>' in it is the end-of-text token, GPT-2's document
+        separator (as vLLM's and Hugging Face's tokenizers read it), so a prompt decoded from
+        token ids encodes back to the same ids."""
+        return self._encoding.encode(text, allowed_special="all")
+
     def decode(self, ids: Sequence[int]) -> str:
         """Decode ids to text, replacing invalid UTF-8 with U+FFFD."""
         self._check_ids(ids)

@@ -118,3 +118,44 @@ def live_server(
         server.should_exit = True
         thread.join(timeout=15)
         sock.close()
+
+
+@contextmanager
+def serve_process(args: list[str], log_path: Any, ready_timeout: float = 90) -> Iterator[str]:
+    """Run `gptserve serve ARGS --port 0` as a real process until the block ends; yields its
+    base URL once /ready answers 200. Stops it with SIGTERM and checks it exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import httpx
+
+    repo_root = Path(__file__).resolve().parent.parent
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", "0", *args],
+            cwd=repo_root,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            assert process.stdout is not None
+            url = ""
+            for line in process.stdout:  # the first lines say where it listens
+                if "listening on http://" in line:
+                    url = line.split("listening on ", 1)[1].split()[0].rstrip(",\"'")
+                    break
+            assert url, f"the server did not say where it listens; see {log_path}"
+            deadline = time.monotonic() + ready_timeout
+            while httpx.get(f"{url}/ready").status_code != 200:
+                assert time.monotonic() < deadline, f"not ready in {ready_timeout} s"
+                time.sleep(0.2)
+            yield url
+        finally:
+            process.send_signal(signal.SIGTERM)
+            exit_code = process.wait(timeout=60)
+        assert exit_code == 0

@@ -102,6 +102,16 @@ def test_encode_treats_endoftext_as_plain_text(tokenizer: Tokenizer, reference: 
     assert ids == plain
 
 
+def test_encode_prompt_reads_endoftext_as_the_special_token(
+    tokenizer: Tokenizer, reference: Any
+) -> None:
+    text = "before <|endoftext|> after<|endoftext|>"
+    ids = tokenizer.encode_prompt(text)
+    assert ids.count(tokenizer.eos_token_id) == 2
+    assert ids == reference.encode(text)  # as Hugging Face's tokenizer (and vLLM) read it
+    assert tokenizer.encode_prompt(tokenizer.decode(ids)) == ids  # ids -> text -> same ids
+
+
 def test_report_eos_and_vocab_size(tokenizer: Tokenizer) -> None:
     assert tokenizer.eos_token_id == 50256
     assert tokenizer.vocab_size == 50257

@@ -35,9 +35,9 @@ async def encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int]) -> li
     if not isinstance(prompt, str):
         return list(prompt)
     if len(prompt) > ENCODE_OFF_LOOP_CHARS:
-        ids = await asyncio.to_thread(tokenizer.encode, prompt)
+        ids = await asyncio.to_thread(tokenizer.encode_prompt, prompt)
     else:
-        ids = tokenizer.encode(prompt)
+        ids = tokenizer.encode_prompt(prompt)
     return ids or [tokenizer.eos_token_id]
 
 

@@ -93,6 +93,8 @@ class LegacyLogprobs:
         alternatives: dict[str, float | None] = {}
         if top is not None:
             for alternative, alternative_logprob in zip(top.token_ids, top.logprobs, strict=True):
+                if alternative_logprob == float("-inf"):
+                    continue  # a processed top-N lists cut-off tokens last: drop them
                 alternatives.setdefault(
                     tokenizer.token_text(alternative), openai_logprob(alternative_logprob)
                 )

@@ -18,8 +18,9 @@ router = APIRouter(tags=["tokenizer"])
 
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, state: StateDep) -> TokenizeResponse:
-    """Encode `prompt` into token ids, as the generation routes would."""
-    tokens = state.tokenizer.encode(body.prompt)
+    """Encode `prompt` into token ids, as the generation routes would ('<|endoftext|>' is the
+    end-of-text token)."""
+    tokens = state.tokenizer.encode_prompt(body.prompt)
     return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=state.max_model_len)
 
 

@@ -153,6 +153,8 @@ class LLMEngine:
         max_new = 1 if stop.max_new_tokens is None else stop.max_new_tokens
         if len(prompt) + max_new <= limit:
             return prompt
+        if max_new == 0 and len(prompt) == limit + 1:
+            return prompt  # only scored: its last token is never an input (Request.num_feed_tokens)
         if self.config.truncate_prompt and max_new < limit:
             return prompt[len(prompt) - (limit - max_new) :]
         raise PromptTooLongError(len(prompt), max_new, limit)

@@ -153,9 +153,18 @@ class Request:
         return self.max_total_tokens - len(self.prompt_token_ids)
 
     @property
+    def num_feed_tokens(self) -> int:
+        """Tokens to put through the model: all of them, but the last prompt token of a request
+        that only scores its prompt (max_new_tokens 0): it is scored, never an input, so such a
+        prompt may be one token longer than the context window."""
+        if self.max_total_tokens == len(self.prompt_token_ids) > 1:
+            return len(self.prompt_token_ids) - 1
+        return self.num_tokens
+
+    @property
     def num_uncomputed_tokens(self) -> int:
-        """Known tokens whose keys and values are not in the cache yet (1 while decoding)."""
-        return self.num_tokens - self.num_computed_tokens
+        """Tokens to feed whose keys and values are not in the cache yet (1 while decoding)."""
+        return self.num_feed_tokens - self.num_computed_tokens
 
     @property
     def is_prefill_done(self) -> bool:

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from service.engine.request import Request, RequestStatus
 from service.engine.slot_pool import SlotPool
 
-# A waiting request defers to a running one whose uncomputed prompt would give it at least this
-# many more cached tokens than it can reuse now.
-MIN_PENDING_PREFIX_GAIN = 16
+# A waiting request longer than this defers to a running one whose uncomputed prompt shares
+# more of its prefix than any slot holds now (it waits at most that prompt's prefill).
+MIN_DEFERRING_PROMPT = 16
 
 
 @dataclass
@@ -38,9 +38,9 @@ class PrefillChunk:
 
     @property
     def completes_tokens(self) -> bool:
-        """Whether this chunk reaches the request's last known token, so logits for the next
-        token come out of it."""
-        return self.start + self.length >= self.request.num_tokens
+        """Whether this chunk reaches the last token to feed, so logits for the next token come
+        out of it (or, for a request that only scores its prompt, its last scores)."""
+        return self.start + self.length >= self.request.num_feed_tokens
 
     @property
     def samples(self) -> bool:
@@ -187,7 +187,7 @@ class Scheduler:
     @staticmethod
     def _chunk(request: Request, budget: int) -> PrefillChunk:
         start = request.num_computed_tokens
-        return PrefillChunk(request, start, min(request.num_tokens - start, budget))
+        return PrefillChunk(request, start, min(request.num_feed_tokens - start, budget))
 
     def _waiting_key(self, request: Request) -> tuple[int, int, int]:
         return (request.priority, self._slots_by_client[request.client_id], request.arrival_index)
@@ -209,13 +209,10 @@ class Scheduler:
         """Whether a running request's prompt, once computed, would give this one a much
         longer cached prefix than it can reuse now."""
         pool = self.pool
-        if not pool.reuse_prefixes or request.num_tokens <= MIN_PENDING_PREFIX_GAIN:
+        if not pool.reuse_prefixes or request.num_tokens <= MIN_DEFERRING_PROMPT:
             return False
         tokens = request.tokens_between(0, request.num_tokens)
-        pending = pool.longest_prefix(tokens, include_pending=True)
-        if pending - pool.longest_prefix(tokens) < MIN_PENDING_PREFIX_GAIN:
-            return False
-        return any(not r.is_paused for r in self.running)  # someone is computing it
+        return pool.longest_prefix(tokens, include_pending=True) > pool.longest_prefix(tokens)
 
     def _victim_for(self, candidate: Request) -> Request | None:
         """A running request the candidate may take the slot of, or None."""

@@ -84,7 +84,7 @@ class SlotPool:
         best = 0
         for slot in range(self.num_slots):
             owner = self.owners[slot]
-            if include_pending and owner is not None:
+            if include_pending and owner is not None and not owner.is_paused:
                 candidate: Sequence[int] = owner.prompt_token_ids
             else:
                 candidate = self.cached_tokens(slot)
@@ -95,8 +95,8 @@ class SlotPool:
         """Give `request` a free slot and the longest usable cached prefix; the caller has
         checked that a slot is free."""
         prompt = request.tokens_between(0, request.num_tokens)
-        # At least one token is always computed: its logits give the next token.
-        limit = len(prompt) - 1
+        # At least one token is always computed: its logits give the next token (or the scores).
+        limit = request.num_feed_tokens - 1
         best_slot, best_length = -1, 0
         if self.reuse_prefixes and limit > 0:
             for slot in range(self.num_slots):
