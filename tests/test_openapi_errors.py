@@ -69,7 +69,9 @@ def test_document_the_error_body_instead_of_422(openapi: dict) -> None:
                     assert content == {"$ref": "#/components/schemas/ErrorResponse"}
 
 
-def provoke_every_error(server: LiveServer, client: httpx.Client) -> set[tuple[str, str, int]]:
+def provoke_every_error(
+    server: LiveServer, client: httpx.Client, openapi: dict
+) -> set[tuple[str, str, int]]:
     """Send each route every error it can answer; return the (method, path, status) seen."""
     seen: set[tuple[str, str, int]] = set()
 
@@ -78,14 +80,22 @@ def provoke_every_error(server: LiveServer, client: httpx.Client) -> set[tuple[s
         error_of(response)
         seen.add((method, path, status))
 
-    for path, body in BODIES.items():
-        check("post", path, client.post(path, json={**body, "bogus": 1}), 400)
-        check("post", path, httpx.post(server.url + path, json=body), 401)
-        big = {**body, "padding": "x" * MAX_BODY_BYTES}
-        check("post", path, client.post(path, json=big), 413)
-        text = client.post(path, content=json.dumps(body), headers={"content-type": "text/plain"})
-        check("post", path, text, 415)
-    check("get", "/v1/models", httpx.get(server.url + "/v1/models"), 401)
+    # What any route with a JSON body answers, and any route behind the API key.
+    for path, operations in openapi["paths"].items():
+        for method, operation in operations.items():
+            body = BODIES.get(path, {})
+            if "requestBody" in operation:
+                sent = client.request(method, path, json={**body, "bogus": 1})
+                check(method, path, sent, 400)
+                big = {**body, "padding": "x" * MAX_BODY_BYTES}
+                check(method, path, client.request(method, path, json=big), 413)
+                as_text = {"content-type": "text/plain"}
+                text = client.request(method, path, content=json.dumps(body), headers=as_text)
+                check(method, path, text, 415)
+            if path not in ("/health", "/ready", "/metrics"):
+                without_key = httpx.request(method, server.url + path, json=body or None)
+                if without_key.status_code == 401:
+                    check(method, path, without_key, 401)
     wrong_model = {**BODIES["/v1/completions"], "model": "nope"}
     check("post", "/v1/completions", client.post("/v1/completions", json=wrong_model), 404)
 
@@ -137,7 +147,7 @@ def test_document_exactly_the_errors_the_server_sends(
         for status in operation["responses"]
         if status.startswith(("4", "5"))
     }
-    assert provoke_every_error(server, client) == documented
+    assert provoke_every_error(server, client, openapi) == documented
 
 
 def test_send_413_in_the_same_shape_and_format_as_every_error(client: httpx.Client) -> None:

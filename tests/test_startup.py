@@ -28,7 +28,12 @@ from model.tokenizer import Tokenizer
 from service.api import loader
 from service.api.app import create_app
 from service.api.settings import Settings
-from service.api.startup_summary import StartupSummary, format_count, startup_summary
+from service.api.startup_summary import (
+    StartupSummary,
+    format_count,
+    serves_page,
+    startup_summary,
+)
 from service.commands import serve as serve_command
 from service.engine.async_engine import AsyncEngine
 from service.engine.config import EngineConfig
@@ -47,13 +52,16 @@ def summary_of(engine: AsyncEngine, **settings: object) -> StartupSummary:
     """The start-up summary of an app over `engine`, as if it listened on 127.0.0.1:8123."""
     app = create_app(Settings(warm_up=False, **settings), engine, "tiny")  # type: ignore[arg-type]
     with TestClient(app):
-        return startup_summary(app.state.gptserve, "127.0.0.1", 8123)
+        return startup_summary(app, "127.0.0.1", 8123)
 
 
 def test_summarise_model_size_and_limits_in_one_line() -> None:
     summary = summary_of(make_engine(max_batch_size=3, max_queue_size=7), model="runs/gone")
     assert summary.url == "http://127.0.0.1:8123"
     assert summary.docs_url == "http://127.0.0.1:8123/docs"
+    if summary.playground_url:  # the app serves a page at /
+        assert summary.playground_url == "http://127.0.0.1:8123/"
+        assert "(playground at http://127.0.0.1:8123/, docs at" in summary.message()
     assert (summary.model, summary.model_source, summary.model_path) == ("tiny", "hub", "runs/gone")
     assert summary.num_parameters == make_tiny_model().config.num_parameters
     assert (summary.device, summary.dtype, summary.quantization) == ("cpu", "float32", "none")
@@ -64,9 +72,8 @@ def test_summarise_model_size_and_limits_in_one_line() -> None:
     assert summary.kv_cache_bytes == 2 * 2 * 3 * 32 * 1024 * 4
     line = summary.message()
     assert "\n" not in line
-    assert line.startswith(
-        "listening on http://127.0.0.1:8123 (docs at http://127.0.0.1:8123/docs)"
-    )
+    assert line.startswith("listening on http://127.0.0.1:8123 (")
+    assert "docs at http://127.0.0.1:8123/docs); " in line
     for part in (
         "model tiny (hub runs/gone, 1.67M parameters)",
         "cpu float32",
@@ -90,6 +97,18 @@ def test_summary_says_int8_and_packed_weights() -> None:
         pack_linears(packed)
         summary = summary_of(AsyncEngine(LLMEngine(packed, Tokenizer.default(), config)))
         assert summary.packed_weights is True and "packed weights on" in summary.message()
+
+
+def test_name_the_playground_when_the_app_serves_a_page_at_the_root() -> None:
+    app = create_app(Settings(warm_up=False), make_engine(), "tiny")
+    if not serves_page(app, "/"):
+        app.add_api_route("/", lambda: {"page": "playground"}, include_in_schema=False)
+    with TestClient(app):
+        summary = startup_summary(app, "127.0.0.1", 8123)
+    assert summary.playground_url == "http://127.0.0.1:8123/"
+    pages = "(playground at http://127.0.0.1:8123/, docs at http://127.0.0.1:8123/docs)"
+    assert pages in summary.message()
+    assert not serves_page(app, "/no-such-page")
 
 
 def test_format_parameter_counts() -> None:
@@ -232,7 +251,8 @@ def stream_in_background(url: str) -> tuple[list[str], threading.Thread]:
 def test_print_the_summary_line_on_stdout(serve, checkpoint: Path) -> None:  # type: ignore[no-untyped-def]
     served = serve("--log-level", "warning")  # the summary shows at every level
     (line,) = served.stdout
-    assert line.startswith(f"gptserve: listening on {served.url} (docs at {served.url}/docs); ")
+    assert line.startswith(f"gptserve: listening on {served.url} (")
+    assert f"docs at {served.url}/docs); " in line
     assert f"model tiny-ckpt (folder {checkpoint}, 1.67M parameters)" in line
     assert "2 batch slots" in line and "context 1024 tokens" in line
     served.process.send_signal(signal.SIGTERM)

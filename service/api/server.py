@@ -22,6 +22,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from service.api.app import create_app
+from service.api.connections import limited_protocol
 from service.api.logging_config import STARTUP_LOGGER
 from service.api.settings import Settings
 from service.api.startup_summary import startup_summary
@@ -63,7 +64,7 @@ class DrainingServer(uvicorn.Server):
         if state is None or not self.started:
             return
         for host, port in self.listening:
-            summary = startup_summary(state, host, port)
+            summary = startup_summary(self.fastapi_app, host, port)
             startup_logger.info(summary.message(), extra=summary.fields())
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
@@ -174,6 +175,8 @@ def run_server(
         access_log=False,  # the middleware writes access lines with request ids and tokens
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        http=limited_protocol(settings.header_timeout, settings.max_connections),
+        timeout_keep_alive=settings.keep_alive_timeout,
     )
     server = DrainingServer(config, app, settings.drain_timeout)
     try:

@@ -6,11 +6,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from fastapi import FastAPI
+from starlette.routing import Match
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
 from model.packed_linear import PackedLinear
-from service.api.dependencies import AppState
 
 MIB = 1024 * 1024
 
@@ -21,6 +22,7 @@ class StartupSummary:
 
     url: str
     docs_url: str
+    playground_url: str  # empty when the app serves no page at /
     model: str  # the served name
     model_source: str  # bundled | folder | checkpoint | hub
     model_path: str  # what --model named; empty for the bundled model
@@ -41,8 +43,11 @@ class StartupSummary:
             source = "the bundled model"
         else:
             source = f"{self.model_source} {self.model_path}"
+        pages = f"docs at {self.docs_url}"
+        if self.playground_url:
+            pages = f"playground at {self.playground_url}, {pages}"
         return (
-            f"listening on {self.url} (docs at {self.docs_url}); "
+            f"listening on {self.url} ({pages}); "
             f"model {self.model} ({source}, {format_count(self.num_parameters)} parameters); "
             f"{self.device} {self.dtype}, quantization {self.quantization}, "
             f"packed weights {'on' if self.packed_weights else 'off'}, "
@@ -88,8 +93,15 @@ def http_url(host: str, port: int) -> str:
     return f"http://{shown}:{port}"
 
 
-def startup_summary(state: AppState, host: str, port: int) -> StartupSummary:
-    """The summary of the app's state once it listens on host:port."""
+def serves_page(app: FastAPI, path: str) -> bool:
+    """Whether a GET of `path` reaches a route of the app."""
+    scope = {"type": "http", "method": "GET", "path": path, "root_path": "", "headers": []}
+    return any(route.matches(scope)[0] == Match.FULL for route in app.router.routes)
+
+
+def startup_summary(app: FastAPI, host: str, port: int) -> StartupSummary:
+    """The summary of a started app (its `state.gptserve`) once it listens on host:port."""
+    state = app.state.gptserve
     settings = state.settings
     engine = state.engine.engine
     model = engine.model
@@ -97,6 +109,7 @@ def startup_summary(state: AppState, host: str, port: int) -> StartupSummary:
     return StartupSummary(
         url=url,
         docs_url=f"{url}/docs",
+        playground_url=f"{url}/" if serves_page(app, "/") else "",
         model=state.model_name,
         model_source=model_source(settings.model),
         model_path=settings.model or "",
