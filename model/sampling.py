@@ -124,20 +124,29 @@ class SamplerOutput:
     processed_at_raw_top: torch.Tensor | None = None  # [B, N] processed, at top_token_ids
 
 
-def sample(logits: torch.Tensor, states: Sequence[SamplingState]) -> SamplerOutput:
-    """Pick the next token for each row of `logits` [B, V] under that row's own settings."""
+def sample(
+    logits: torch.Tensor, states: Sequence[SamplingState], is_owned: bool = False
+) -> SamplerOutput:
+    """Pick the next token for each row of `logits` [B, V] under that row's own settings.
+
+    With `is_owned`, the caller gives `logits` away (float32): it may be changed in place, which
+    saves a copy of the whole batch when some row has a bias or penalties.
+    """
     if logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError(f"logits must be a floating [batch, vocab] tensor, got {logits.shape}")
     if len(states) != logits.shape[0]:
         raise ValueError(f"{len(states)} sampling states for a batch of {logits.shape[0]} rows")
     params = [state.params for state in states]
-    # `raw` is `logits` itself when that is already float32; it is never written to.
     raw = logits.float()
-    processed = process_logits(raw, states)
+    # Raw log-probabilities come first, from the logits as the model gave them.
+    raw_rows = [row for row, p in enumerate(params) if p.wants_raw_logprobs]
+    raw_logprobs = torch.log_softmax(_select(raw, raw_rows), dim=-1) if raw_rows else None
+    processed = process_logits(raw, states, in_place=is_owned or raw is not logits)
     sample_rows = [row for row, row_params in enumerate(params) if not row_params.is_greedy]
     final: torch.Tensor | None = None  # [S, V] the sampled rows' logits after every stage
+    can_overwrite = processed is not logits or is_owned
     if len(sample_rows) == len(params):
-        final = _final_logits(processed, params, is_owned=processed is not raw)
+        final = _final_logits(processed, params, is_owned=can_overwrite)
         token_ids = _draw(final, [state.generator for state in states])
     else:
         token_ids = processed.argmax(dim=-1)  # ties go to the lowest id
@@ -147,9 +156,8 @@ def sample(logits: torch.Tensor, states: Sequence[SamplingState]) -> SamplerOutp
             token_ids[index] = _draw(final, [states[r].generator for r in sample_rows])
     out = SamplerOutput(token_ids)
     num_top = min(max((p.num_logprobs for p in params), default=0), raw.shape[1])
-    raw_rows = [row for row, p in enumerate(params) if p.wants_raw_logprobs]
-    if raw_rows:
-        _add_raw_logprobs(out, raw, raw_rows, num_top)
+    if raw_logprobs is not None:
+        _add_raw_logprobs(out, raw_logprobs, raw_rows, num_top)
     processed_rows = [row for row, p in enumerate(params) if p.wants_processed_logprobs]
     if processed_rows:
         _add_processed_logprobs(out, processed, final, sample_rows, params, processed_rows, num_top)
@@ -173,9 +181,11 @@ def _scatter_rows(num_rows: int, rows: list[int], values: torch.Tensor) -> torch
     return full
 
 
-def _add_raw_logprobs(out: SamplerOutput, raw: torch.Tensor, rows: list[int], num_top: int) -> None:
-    num_rows = raw.shape[0]
-    logprobs = torch.log_softmax(_select(raw, rows), dim=-1)  # [R, V]
+def _add_raw_logprobs(
+    out: SamplerOutput, logprobs: torch.Tensor, rows: list[int], num_top: int
+) -> None:
+    """Raw log-probabilities of the chosen tokens and the top-N, from the rows' [R, V]."""
+    num_rows = out.token_ids.shape[0]
     chosen = logprobs.gather(1, _select(out.token_ids, rows).unsqueeze(1)).squeeze(1)
     out.logprobs = _scatter_rows(num_rows, rows, chosen)
     if num_top:
@@ -216,19 +226,22 @@ def _add_processed_logprobs(
         out.processed_at_raw_top = _scatter_rows(num_rows, rows, logprobs.gather(1, raw_top))
 
 
-def process_logits(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+def process_logits(
+    logits: torch.Tensor, states: Sequence[SamplingState], in_place: bool = False
+) -> torch.Tensor:
     """Apply each row's logit bias, then its repetition, presence and frequency penalties.
 
-    Returns float32 [B, V]: a new tensor, or `logits` itself when no row has anything to apply.
-    Repetition penalty covers prompt and output tokens (positive logits divided by it, negative
-    ones multiplied); presence and frequency penalties (OpenAI) cover output tokens only.
+    Returns float32 [B, V]: `logits` itself when no row has anything to apply or when
+    `in_place`, else a new tensor. Repetition penalty covers prompt and output tokens (positive
+    logits divided by it, negative ones multiplied); presence and frequency penalties (OpenAI)
+    cover output tokens only.
     """
     processed = logits.float()
     bias_rows = [row for row, s in enumerate(states) if s.bias_ids is not None]
     penalty_rows = [row for row, s in enumerate(states) if s.output_counts is not None]
     if not (bias_rows or penalty_rows):
         return processed
-    if processed is logits:
+    if processed is logits and not in_place:
         processed = processed.clone()
     for row in bias_rows:
         state = states[row]

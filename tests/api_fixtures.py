@@ -17,6 +17,8 @@ from model.config import GPTConfig
 from model.gpt2 import GPT
 from model.tokenizer import Tokenizer
 from service.api.app import create_app
+from service.api.connections import limited_protocol
+from service.api.loader import engine_config, serve_engine
 from service.api.settings import Settings
 from service.engine.async_engine import AsyncEngine
 from service.engine.config import EngineConfig
@@ -56,11 +58,15 @@ class FinishRecorder(EngineListener):
 
 
 def make_engine(
-    max_batch_size: int = 4, max_queue_size: int = 16, listeners: tuple[EngineListener, ...] = ()
+    max_batch_size: int = 4,
+    max_queue_size: int = 16,
+    listeners: tuple[EngineListener, ...] = (),
+    **options: Any,
 ) -> AsyncEngine:
-    """An engine (not started) over the tiny model."""
+    """An engine (not started) over the tiny model; `options` go to AsyncEngine."""
     config = EngineConfig(max_batch_size=max_batch_size, max_queue_size=max_queue_size)
-    return AsyncEngine(LLMEngine(make_tiny_model(), Tokenizer.default(), config, listeners))
+    engine = LLMEngine(make_tiny_model(), Tokenizer.default(), config, listeners)
+    return AsyncEngine(engine, **options)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
@@ -99,14 +105,26 @@ def live_server(
 ) -> Iterator[LiveServer]:
     """Serve a fresh app over a tiny engine on a free port of 127.0.0.1 until the block ends."""
     recorder = FinishRecorder()
+    app_settings = Settings(
+        **{"warm_up": False, "max_batch_size": max_batch_size, "max_queue": max_queue_size}
+        | settings
+    )
     if engine is None:
-        engine = make_engine(max_batch_size, max_queue_size, (recorder,))
-    app_settings = Settings(**{"warm_up": False, **settings})
+        config = engine_config(app_settings, torch.device("cpu"))
+        llm = LLMEngine(make_tiny_model(), Tokenizer.default(), config, (recorder,))
+        engine = serve_engine(llm, app_settings)
     app = create_app(app_settings, engine, MODEL_NAME)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=2,
+        http=limited_protocol(app_settings.header_timeout, app_settings.max_connections),
+        timeout_keep_alive=app_settings.keep_alive_timeout,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -105,13 +105,17 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
     engine = LLMEngine(model, tokenizer, engine_config(settings, device))
     release_openmp_threads()  # loading ran here; the steps will run on the engine thread
     default_name = BUNDLED_MODEL_NAME if settings.model is None else loaded.name
-    served = AsyncEngine(
+    return serve_engine(engine, settings), settings.served_model_name or default_name
+
+
+def serve_engine(engine: LLMEngine, settings: Settings) -> AsyncEngine:
+    """The asyncio front of `engine`, with the deployment's admission and stream limits."""
+    return AsyncEngine(
         engine,
         max_queued_prompt_tokens=settings.max_queued_prompt_tokens,
         stream_buffer=settings.stream_buffer,
         stall_timeout=settings.stalled_stream_timeout,
     )
-    return served, settings.served_model_name or default_name
 
 
 def check_finite_weights(model: torch.nn.Module, spec: str) -> None:

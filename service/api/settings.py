@@ -123,6 +123,20 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=1_048_576, ge=1, description="largest request body accepted"
     )
+    header_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="seconds a connection has to send a request line and headers; then 408 "
+        "and the connection closes (slow or stuck clients cannot hold connections open)",
+    )
+    keep_alive_timeout: float = Field(
+        default=5.0, gt=0, description="seconds an idle keep-alive connection stays open"
+    )
+    max_connections: int | None = Field(
+        default=1024,
+        ge=1,
+        description="open connections at most; more are answered 503 and closed",
+    )
     drain_timeout: float = Field(
         default=30.0, ge=0, description="seconds in-flight requests get to finish after SIGTERM"
     )

@@ -216,7 +216,7 @@ class ModelRunner:
                 if banned:
                     logits[row, banned] = float("-inf")
         states = [self._state(r) for r in requests]
-        out = sample(logits, states)
+        out = sample(logits, states, is_owned=True)  # this step's logits: nobody reads them after
         token_ids = out.token_ids.tolist()
         for state, token_id in zip(states, token_ids, strict=True):
             if state.output_counts is not None:
