@@ -10,7 +10,14 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from service.api import routes_generate, routes_health, routes_openai, routes_tokenize
+from service.api import (
+    routes_config,
+    routes_generate,
+    routes_health,
+    routes_openai,
+    routes_playground,
+    routes_tokenize,
+)
 from service.api.dependencies import AppState, require_api_key
 from service.api.errors import install_error_handlers
 from service.api.loader import load_engine
@@ -85,7 +92,8 @@ def create_app(
 
     protected = [Depends(require_api_key)]
     app.include_router(routes_health.router)
-    for module in (routes_generate, routes_openai, routes_tokenize):
+    app.include_router(routes_playground.router)  # the page; it asks for a key when needed
+    for module in (routes_config, routes_generate, routes_openai, routes_tokenize):
         app.include_router(module.router, dependencies=protected, responses=error_responses(401))
     install_openapi_errors(app)
 
