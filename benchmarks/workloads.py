@@ -1,0 +1,212 @@
+"""The loads a comparison sends to each server; each returns named figures for the table.
+
+All use the OpenAI completions API with token-id prompts, so every server gets exactly the same
+tokens; greedy, end-of-text ignored where output length matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+from typing import Any
+
+import httpx
+
+from service.bench import BenchConfig, run_benchmark
+
+Figures = dict[str, float | None]
+
+
+def _client(concurrency: int, timeout: float = 600.0) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+
+
+async def _complete(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    response = await client.post(f"{url}/v1/completions", json=body)
+    if response.status_code != 200:
+        raise RuntimeError(f"{response.status_code}: {response.text[:300]}")
+    return response.json()
+
+
+async def _bounded(jobs: list, concurrency: int) -> list:  # type: ignore[type-arg]
+    """Run coroutine factories with at most `concurrency` in flight; results in order."""
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one(job):  # type: ignore[no-untyped-def]
+        async with semaphore:
+            return await job()
+
+    return await asyncio.gather(*(one(job) for job in jobs))
+
+
+def random_tokens(count: int, rng: random.Random) -> list[int]:
+    """Token ids of ordinary BPE tokens (no end-of-text)."""
+    return [rng.randrange(256, 50000) for _ in range(count)]
+
+
+# -------------------------------------------------------------------------------- decode
+
+
+def decode(
+    url: str, model: str, levels: tuple[int, ...], prompt_tokens: int, max_tokens: int
+) -> Figures:
+    """Streamed generation at each concurrency level: tokens/s, and TTFT p50 at the last."""
+    config = BenchConfig(
+        base_url=url,
+        model=model,
+        concurrency_levels=levels,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        ignore_eos=True,
+        warmup=2,
+    )
+    result = asyncio.run(run_benchmark(config, show_progress=False))
+    figures: Figures = {}
+    for level in result.levels:
+        figures[f"tok/s @{level.concurrency}"] = level.output_tokens_per_second
+        if level.num_failed:
+            figures[f"failed @{level.concurrency}"] = float(level.num_failed)
+    last = result.levels[-1]
+    figures[f"TTFT p50 @{last.concurrency} ms"] = last.ttft_p50_ms
+    return figures
+
+
+# -------------------------------------------------------------------------------- burst
+
+
+def burst(url: str, model: str, num_requests: int) -> Figures:
+    """`num_requests` at once (10x what the server holds): how fast the refusals come."""
+
+    async def main() -> Figures:
+        latencies: dict[int, list[float]] = {}
+        async with _client(num_requests, timeout=120) as client:
+
+            async def one(index: int) -> None:
+                body = {"model": model, "prompt": [1000 + index, 7], "max_tokens": 64}
+                body |= {"ignore_eos": True, "temperature": 0}
+                started = time.perf_counter()
+                response = await client.post(f"{url}/v1/completions", json=body)
+                latencies.setdefault(response.status_code, []).append(time.perf_counter() - started)
+
+            await asyncio.gather(*(one(i) for i in range(num_requests)))
+        refused = sorted(latencies.get(429, []))
+        figures: Figures = {
+            "sent": float(num_requests),
+            "200": float(len(latencies.get(200, []))),
+            "429": float(len(refused)),
+        }
+        if refused:
+            figures["429 p50 ms"] = statistics.median(refused) * 1000
+            figures["429 p99 ms"] = refused[min(len(refused) - 1, int(0.99 * len(refused)))] * 1000
+        return figures
+
+    return asyncio.run(main())
+
+
+# ------------------------------------------------------------------------------- scoring
+
+
+def scoring(
+    url: str, model: str, num_prompts: int, prompt_tokens: int, concurrency: int, echo_zero: bool
+) -> Figures:
+    """Score `num_prompts` prompts (echo + logprobs; with `echo_zero`, max_tokens 0), against
+    generating one greedy token for each of the same prompts."""
+    rng = random.Random(7)
+    prompts = [random_tokens(prompt_tokens, rng) for _ in range(num_prompts)]
+
+    async def run(kind: str) -> float:
+        async with _client(concurrency) as client:
+            jobs = []
+            for prompt in prompts:
+                body: dict[str, Any] = {"model": model, "prompt": prompt, "temperature": 0}
+                if kind == "score":
+                    body |= {"echo": True, "logprobs": 1, "max_tokens": 0 if echo_zero else 1}
+                else:
+                    body |= {"max_tokens": 1}
+
+                async def job(body: dict[str, Any] = body) -> dict[str, Any]:
+                    return await _complete(client, url, body)
+
+                jobs.append(job)
+            started = time.perf_counter()
+            answers = await _bounded(jobs, concurrency)
+            elapsed = time.perf_counter() - started
+            if kind == "score":
+                scored = answers[0]["choices"][0]["logprobs"]["token_logprobs"]
+                if len(scored) < prompt_tokens:
+                    raise RuntimeError(f"scoring returned {len(scored)} entries")
+            return elapsed
+
+    asyncio.run(run("generate"))  # warm-up: first requests build kernels
+    generate_seconds = asyncio.run(run("generate"))
+    score_seconds = asyncio.run(run("score"))
+    return {
+        "generate 1 tok: prompts/s": num_prompts / generate_seconds,
+        "score: prompts/s": num_prompts / score_seconds,
+        "score / generate time": score_seconds / generate_seconds,
+    }
+
+
+# -------------------------------------------------------------------------------- prefix
+
+
+def multiple_choice(
+    url: str, model: str, num_questions: int, context_tokens: int, num_choices: int
+) -> Figures:
+    """lm-evaluation-harness's multiple choice: per question, its choices scored as concurrent
+    requests (echo + logprobs=1 + max_tokens=1), one question after another."""
+    rng = random.Random(11)
+
+    def make_questions() -> list[tuple[list[int], list[list[int]]]]:
+        return [
+            (
+                random_tokens(context_tokens, rng),
+                [random_tokens(10, rng) for _ in range(num_choices)],
+            )
+            for _ in range(num_questions)
+        ]
+
+    async def main(questions: list[tuple[list[int], list[list[int]]]]) -> float:
+        async with _client(num_choices) as client:
+            started = time.perf_counter()
+            for context, choices in questions:
+                bodies = [
+                    {"model": model, "prompt": context + choice, "echo": True, "logprobs": 1}
+                    | {"max_tokens": 1, "temperature": 0}
+                    for choice in choices
+                ]
+                await asyncio.gather(*(_complete(client, url, body) for body in bodies))
+            return time.perf_counter() - started
+
+    asyncio.run(main(make_questions()))  # warm-up on other questions: nothing is cached
+    seconds = asyncio.run(main(make_questions()))
+    return {"questions/s": num_questions / seconds, "seconds": seconds}
+
+
+def few_shot(
+    url: str, model: str, header_tokens: int, num_requests: int, tail_tokens: int, max_tokens: int
+) -> Figures:
+    """A shared few-shot header with different tails, all at once: generated tokens/s."""
+    rng = random.Random(13)
+
+    async def main(seed: int) -> tuple[float, float]:
+        local = random.Random(seed)
+        header = random_tokens(header_tokens, local)
+        async with _client(num_requests) as client:
+            bodies = [
+                {"model": model, "prompt": header + random_tokens(tail_tokens, local)}
+                | {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+                for _ in range(num_requests)
+            ]
+            started = time.perf_counter()
+            answers = await asyncio.gather(*(_complete(client, url, body) for body in bodies))
+            seconds = time.perf_counter() - started
+        generated = sum(answer["usage"]["completion_tokens"] for answer in answers)
+        return generated / seconds, seconds
+
+    asyncio.run(main(rng.randrange(1 << 30)))  # warm-up with another header
+    tokens_per_second, seconds = asyncio.run(main(rng.randrange(1 << 30)))
+    return {"tok/s": tokens_per_second, "seconds": seconds}
