@@ -24,7 +24,6 @@ const ui = {
   copyPython: $("copy-python"),
   copyState: $("copy-state"),
   keyDialog: $("key-dialog"),
-  keyForm: $("key-form"),
   keyInput: $("key-input"),
   keyMessage: $("key-message"),
 };

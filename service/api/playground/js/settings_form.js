@@ -88,28 +88,25 @@ function escapeText(text) {
   return text.replace(/[\\\n\r\t]/g, (c) => ({ "\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\" })[c]);
 }
 
+// Which input a field gets, from the JSON types the server lists for it.
+function kindOf(spec) {
+  const types = new Set(spec.types);
+  if (spec.choices) return "choice";
+  if (types.has("boolean")) return "boolean";
+  if (types.has("object")) return "json"; // logit_bias
+  if (types.has("array")) return types.has("string") ? "lines" : "ids"; // stop, stop_token_ids
+  if (types.has("integer")) return "integer";
+  if (types.has("number")) return "number";
+  return "text";
+}
+
 // One input for one field: how it is drawn, read and reset.
 class FieldInput {
   constructor(spec, config) {
     this.spec = spec;
     this.name = spec.name;
     this.initial = PAGE_DEFAULTS[spec.name] ?? spec.default;
-    const types = new Set(spec.types);
-    this.kind = spec.choices
-      ? "choice"
-      : types.has("boolean")
-        ? "boolean"
-        : types.has("object")
-          ? "json"
-          : types.has("array") && types.has("string")
-            ? "lines"
-            : types.has("array")
-              ? "ids"
-              : types.has("integer")
-                ? "integer"
-                : types.has("number")
-                  ? "number"
-                  : "text";
+    this.kind = kindOf(spec);
     this.id = `field-${spec.name}`;
     this.input = this.build(config);
     this.reset();

@@ -4,6 +4,16 @@
 
 import { probability } from "./distribution.js";
 
+// Where a probability sits on the tint scale, by its order of magnitude: 1 is 1, 10% is 0.75,
+// 1% is 0.5, 0.1% is 0.25, 0.01% and below are 0; a linear scale would paint nearly every
+// token of a real model the same colour.
+export const TINT_DECADES = 4;
+
+export function tintOf(p) {
+  if (p <= 0) return 0;
+  return Math.min(Math.max(1 + Math.log10(p) / TINT_DECADES, 0), 1);
+}
+
 export class TokenView {
   constructor(container, onSelect) {
     this.container = container;
@@ -87,10 +97,10 @@ export class TokenView {
     const p = probability(useProcessed ? entry.processed_logprob : entry.logprob);
     if (p === null) {
       span.classList.remove("tinted");
-      span.style.removeProperty("--p");
+      span.style.removeProperty("--tint");
     } else {
       span.classList.add("tinted");
-      span.style.setProperty("--p", p.toFixed(4));
+      span.style.setProperty("--tint", tintOf(p).toFixed(4));
     }
   }
 
