@@ -176,7 +176,8 @@ def run_server(
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         http=limited_protocol(settings.header_timeout, settings.max_connections),
-        timeout_keep_alive=settings.keep_alive_timeout,
+        # uvicorn annotates this int but only hands it to loop.call_later: fractions work.
+        timeout_keep_alive=settings.keep_alive_timeout,  # type: ignore[arg-type]
     )
     server = DrainingServer(config, app, settings.drain_timeout)
     try:
