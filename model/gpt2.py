@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.batch_invariant import invariant_attention
 from model.config import GPTConfig
 from model.kv_cache import BatchLayout, KVCache
 
@@ -29,6 +30,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
+        self.batch_invariant = False  # per-query attention (see model.batch_invariant)
 
     def forward(
         self,
@@ -57,9 +59,13 @@ class CausalSelfAttention(nn.Module):
             rows, cols = layout.write_rows, layout.write_cols
             k_cache[layout.write_slots, :, layout.write_pos] = k[rows, cols]  # (N, nh, hs)
             v_cache[layout.write_slots, :, layout.write_pos] = v[rows, cols]  # (N, nh, hs)
-            keys = k_cache[layout.read_slots, :, : layout.context_len]  # (B, nh, Lc, hs)
-            values = v_cache[layout.read_slots, :, : layout.context_len]  # (B, nh, Lc, hs)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=layout.attn_mask)
+            if self.batch_invariant and layout.row_slots is not None:
+                positions = layout.row_positions or []
+                y = invariant_attention(q, k_cache, v_cache, layout.row_slots, positions)
+            else:
+                keys = k_cache[layout.read_slots, :, : layout.context_len]  # (B, nh, Lc, hs)
+                values = v_cache[layout.read_slots, :, : layout.context_len]  # (B, nh, Lc, hs)
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=layout.attn_mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads concatenated
         return self.resid_dropout(self.c_proj(y))
 

@@ -73,6 +73,8 @@ class BatchLayout:
     context_len: int  # longest context in the batch: keys read per row
     attn_mask: torch.Tensor  # (B, 1, T, context_len) True where a query may attend a key
     last_index: torch.Tensor  # (B,) column of each row's last real token
+    row_slots: list[int] | None = None  # the same as plain lists, for per-query attention
+    row_positions: list[list[int]] | None = None  # positions of each row's real tokens
 
     @classmethod
     def build(
@@ -117,4 +119,9 @@ class BatchLayout:
             context_len=context_len,
             attn_mask=attn_mask.unsqueeze(1),
             last_index=count - 1,
+            row_slots=list(slots),
+            row_positions=[
+                list(range(row_start, row_start + row_count))
+                for row_start, row_count in zip(start_pos, num_new, strict=True)
+            ],
         )

@@ -107,3 +107,23 @@ def test_keep_metrics_of_each_app_apart() -> None:
     first.state.metrics.count_failure("queue_full")
     assert b'reason="queue_full"} 1.0' in first.state.metrics.render()
     assert b'reason="queue_full"} 0.0' in second.state.metrics.render()
+
+
+def test_count_prefix_cache_hits_and_timeouts(server: LiveServer) -> None:
+    prompt = list(range(400, 460))  # 60 tokens
+    before = scrape(server.url)
+    for _ in range(2):
+        body = {"prompt": prompt, "max_new_tokens": 2, "temperature": 0}
+        answer = httpx.post(f"{server.url}/generate", json=body, timeout=30).json()
+    assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == 59  # all but the last
+    timed_out = {"prompt": "x", "max_new_tokens": 900, "ignore_eos": True, "timeout": 0.2}
+    answer = httpx.post(f"{server.url}/generate", json=timed_out, timeout=30).json()
+    assert answer["finish_reason"] == "timeout" and 0 < answer["usage"]["completion_tokens"] < 900
+    after = scrape(server.url)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("prefix_cache_queries_total") == 2 * 60 + 1
+    assert moved("prefix_cache_hits_total") == 59
+    assert moved("request_failure_total", reason="timeout") == 1

@@ -6,6 +6,11 @@ import logging
 
 import torch
 
+from model.batch_invariant import (
+    BatchInvarianceError,
+    check_batch_invariance,
+    make_batch_invariant,
+)
 from model.loading import load_model
 from model.packed_linear import PACKABLE_DTYPES, pack_linears, packing_available
 from model.quantize import apply_quantization
@@ -88,11 +93,24 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
     model = loaded.model
     check_finite_weights(model, spec)
     if settings.quantization != "none":
+        if settings.batch_invariant:
+            raise ServeConfigError(
+                "--batch-invariant works on float32 weights; int8's dynamic quantization "
+                "scales activations over the whole batch, so it is not offered with int8"
+            )
         if device.type != "cpu" or dtype != torch.float32:
             raise ServeConfigError(
                 f"--quantization {settings.quantization} needs --device cpu and float32"
             )
         model = apply_quantization(model, settings.quantization)
+    elif settings.batch_invariant:
+        if device.type != "cpu" or dtype != torch.float32:
+            raise ServeConfigError("--batch-invariant needs --device cpu and float32 weights")
+        try:
+            make_batch_invariant(model)
+            check_batch_invariance(model, min(model.config.block_size, 256))
+        except BatchInvarianceError as exc:
+            raise ServeConfigError(f"--batch-invariant: {exc}") from exc
     elif settings.pack_weights and device.type == "cpu" and dtype in PACKABLE_DTYPES:
         if packing_available():
             pack_linears(model)

@@ -21,7 +21,16 @@ REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 1, 2.5, 5, 10, 15, 20, 30, 45, 60,
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 SUCCESS_REASONS = (FinishReason.STOP.value, FinishReason.LENGTH.value)
 # Failures counted by the engine (abort, error) and rejections counted by the HTTP layer.
-FAILURE_REASONS = ("abort", "error", "queue_full", "invalid_request", "not_ready")
+# timeout: the request's deadline passed; stalled: its reader stopped reading its stream.
+FAILURE_REASONS = (
+    "abort",
+    "timeout",
+    "stalled",
+    "error",
+    "queue_full",
+    "invalid_request",
+    "not_ready",
+)
 
 
 class Metrics(EngineListener):
@@ -62,6 +71,17 @@ class Metrics(EngineListener):
         )
         self.generation_tokens = Counter(
             PREFIX + "generation_tokens", "Tokens generated.", registry=self.registry
+        )
+        self.prefix_cache_queries = Counter(
+            PREFIX + "prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache (admitted requests' prompts).",
+            registry=self.registry,
+        )
+        self.prefix_cache_hits = Counter(
+            PREFIX + "prefix_cache_hits",
+            "Prompt tokens reused from the prefix cache instead of computed; "
+            "hit rate = hits / queries.",
+            registry=self.registry,
         )
         self.request_success = Counter(
             PREFIX + "request_success",
@@ -108,6 +128,8 @@ class Metrics(EngineListener):
         self.generation_tokens.inc(num_generated_tokens)
 
     def on_request_scheduled(self, request: Request) -> None:
+        self.prefix_cache_queries.inc(request.num_prompt_tokens)
+        self.prefix_cache_hits.inc(request.num_cached_tokens)
         if request.first_scheduled_time is not None:
             self.request_queue_time.observe(request.first_scheduled_time - request.arrival_time)
 

@@ -63,9 +63,9 @@ class CompletionRequest(SamplingFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: bool = Field(False, description="prepend the prompt (and its logprobs) to each choice")
-    user: str | None = Field(None, description="accepted and ignored")
-    best_of: int | None = Field(None, description="only null or equal to n is supported")
-    suffix: str | None = Field(None, description="not supported; must be null")
+    user: str | None = Field(default=None, description="accepted and ignored")
+    best_of: int | None = Field(default=None, description="only null or equal to n is supported")
+    suffix: str | None = Field(default=None, description="not supported; must be null")
 
     _normalize_prompt = field_validator("prompt", mode="before")(normalize_prompts)
 
@@ -132,7 +132,8 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length", "timeout"] | None = None
     prompt_logprobs: list[dict[str, dict[str, object]] | None] | None = Field(
-        None, description="vLLM's: per prompt token, token id -> logprob, rank, decoded_token"
+        default=None,
+        description="vLLM's: per prompt token, token id -> logprob, rank, decoded_token",
     )
 
 

@@ -116,31 +116,33 @@ class SamplingFields(StrictModel):
     presence_penalty: float | None = Field(0.0, description="[-2, 2]")
     frequency_penalty: float | None = Field(0.0, description="[-2, 2]")
     logit_bias: dict[str, float] | None = Field(
-        None, description='added to the logits: {"token id": bias in [-100, 100]}'
+        default=None, description='added to the logits: {"token id": bias in [-100, 100]}'
     )
-    seed: int | None = Field(None, description="makes sampling reproducible")
+    seed: int | None = Field(default=None, description="makes sampling reproducible")
     stop: str | list[str] | None = Field(
-        None, description="stop strings; the text ends before the first one found"
+        default=None, description="stop strings; the text ends before the first one found"
     )
-    stop_token_ids: list[int] | None = Field(None, description="token ids that end generation")
+    stop_token_ids: list[int] | None = Field(
+        default=None, description="token ids that end generation"
+    )
     ignore_eos: bool = Field(False, description="keep generating past end-of-text")
     min_tokens: int = Field(0, ge=0, description="tokens to generate before any stop condition")
     include_stop_str_in_output: bool = Field(False, description="keep the stop string")
     logprobs: int | None = Field(
-        None,
+        default=None,
         ge=0,
         le=MAX_LOGPROBS,
         description="return each token's log-probability and this many alternatives (0-20)",
     )
     logprobs_mode: LogprobsMode | None = Field(
-        None,
+        default=None,
         description="raw_logprobs: the model's softmax; processed_logprobs: the distribution the "
         "token was drawn from (after bias, penalties, temperature, top-k/top-p/min-p, "
         "renormalised); raw_and_processed_logprobs (/generate and /stream): raw, each with "
         "its processed value beside it; default: the server's --logprobs-mode",
     )
     prompt_logprobs: int | None = Field(
-        None,
+        default=None,
         ge=0,
         le=MAX_LOGPROBS,
         description="return each prompt token's log-probability given the tokens before it, "
@@ -148,7 +150,7 @@ class SamplingFields(StrictModel):
     )
     priority: int = Field(0, description="scheduling priority: lower values go first")
     timeout: float | None = Field(
-        None,
+        default=None,
         gt=0,
         description="seconds the request may wait and run in all; then it ends with "
         "finish_reason 'timeout'; default: the server's --request-timeout",
@@ -245,7 +247,7 @@ class TopLogprob(BaseModel):
     token: str
     logprob: float | None
     processed_logprob: float | None = Field(
-        None,
+        default=None,
         description="with raw_and_processed_logprobs: its log-probability in the distribution "
         "sampled from; null when the request's filters cut it off",
     )
@@ -258,7 +260,7 @@ class TokenLogprob(BaseModel):
     token: str
     logprob: float | None
     processed_logprob: float | None = None
-    rank: int | None = Field(None, description="prompt tokens: 1 for the most likely token")
+    rank: int | None = Field(default=None, description="prompt tokens: 1 for the most likely token")
     top_logprobs: list[TopLogprob] | None = None
 
 
@@ -273,7 +275,7 @@ class GenerateResponse(BaseModel):
     usage: Usage
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = Field(
-        None, description="one entry per prompt token; the first has logprob null"
+        default=None, description="one entry per prompt token; the first has logprob null"
     )
 
 

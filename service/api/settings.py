@@ -72,6 +72,12 @@ class Settings(BaseSettings):
         default=False, description="left-truncate prompts that do not fit instead of answering 400"
     )
     warm_up: bool = Field(default=True, description="run a warm-up batch before reporting ready")
+    batch_invariant: bool = Field(
+        default=False,
+        description="CPU float32: compute every request's logits with the same bits whatever "
+        "else runs beside it (oneDNN for every row count, per-query attention); checked at "
+        "start-up; costs some speed, most on long prompts",
+    )
     prefix_caching: bool = Field(
         default=True,
         description="start a prompt from the longest prefix still cached in a KV-cache slot "

@@ -89,20 +89,24 @@ class EventStreamResponse(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         streaming = asyncio.ensure_future(cancel_on_disconnect(receive, self.stream_response(send)))
-        if self.group is not None:
+        stalled = False
+
+        def on_stalled() -> None:
             # A reader that stopped reading for too long: its work is aborted; stop waiting on
-            # its socket too, so the connection closes.
-            self.group.stalled_callbacks.append(streaming.cancel)
+            # its socket too, so the response ends unfinished and the connection closes.
+            nonlocal stalled
+            stalled = True
+            streaming.cancel()
+
+        if self.group is not None:
+            self.group.stalled_callbacks.append(on_stalled)
         try:
             await streaming
         except (ClientDisconnectedError, OSError):
             pass  # the client is gone: nothing to send, the work is already cancelled
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
+            if not stalled:
                 raise
-            # Cancelled by the stall callback: the response ends unfinished, so the server
-            # closes the connection.
         finally:
             body = self.body_iterator
             aclose = getattr(body, "aclose", None)

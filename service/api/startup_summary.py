@@ -11,6 +11,7 @@ from starlette.routing import Match
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
+from model.batch_invariant import InvariantLinear
 from model.packed_linear import PackedLinear
 
 MIB = 1024 * 1024
@@ -31,6 +32,7 @@ class StartupSummary:
     dtype: str
     quantization: str  # none | int8
     packed_weights: bool
+    batch_invariant: bool
     num_threads: int  # torch's CPU threads
     context_window: int  # tokens
     batch_slots: int
@@ -51,6 +53,7 @@ class StartupSummary:
             f"model {self.model} ({source}, {format_count(self.num_parameters)} parameters); "
             f"{self.device} {self.dtype}, quantization {self.quantization}, "
             f"packed weights {'on' if self.packed_weights else 'off'}, "
+            f"batch-invariant {'on' if self.batch_invariant else 'off'}, "
             f"{self.num_threads} threads; "
             f"context {self.context_window} tokens, {self.batch_slots} batch slots, "
             f"KV cache {self.kv_cache_bytes / MIB:.1f} MiB, queue {self.max_queue}"
@@ -118,6 +121,7 @@ def startup_summary(app: FastAPI, host: str, port: int) -> StartupSummary:
         dtype=str(model.dtype).removeprefix("torch."),
         quantization=quantization_of(model),
         packed_weights=any(isinstance(module, PackedLinear) for module in model.modules()),
+        batch_invariant=any(isinstance(module, InvariantLinear) for module in model.modules()),
         num_threads=torch.get_num_threads(),
         context_window=engine.max_model_len,
         batch_slots=engine.config.max_batch_size,

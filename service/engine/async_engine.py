@@ -20,6 +20,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -294,7 +295,7 @@ class AsyncEngine:
             request.sink = group.push
             self._live[request.request_id] = request
             self._unstarted_prompt_tokens[request.request_id] = request.num_prompt_tokens
-            self._command(lambda engine, r=request: _add(engine, r))
+            self._command(functools.partial(_add, request=request))
         self.num_queued_prompt_tokens += new_prompt_tokens
         return group
 

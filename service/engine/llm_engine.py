@@ -259,8 +259,8 @@ class LLMEngine:
     def _process(self, work: SchedulerOutput, result: StepResult) -> list[Event]:
         events: list[Event] = []
         now = time.monotonic()
-        for request, entries in result.prompt_logprobs.items():
-            live = self.scheduler.get(request)
+        for request_id, entries in result.prompt_logprobs.items():
+            live = self.scheduler.get(request_id)
             if live is not None:
                 live.prompt_logprob_entries.extend(entries)
         ready: list[Request] = []

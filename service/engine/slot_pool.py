@@ -180,7 +180,9 @@ class SlotPool:
         if self.reuse_prefixes:
             tokens = request.tokens_between(0, request.num_computed_tokens)
             entries = request.prompt_logprob_entries if request.prompt_logprobs is not None else []
-            num_top = request.prompt_logprobs if entries else -1
+            num_top = request.prompt_logprobs
+            if num_top is None or not entries:
+                num_top = -1
             self.contents[slot] = SlotContent(tokens, list(entries), num_top)
         self._touch(slot)
 

@@ -1,0 +1,263 @@
+"""Batch-invariant computation on the CPU: a token's logits do not depend on its batch mates.
+
+Plain kernels give a row of a batch results that depend, in the last bits, on how many other
+rows share the call: MKL switches kernels with the row count, oneDNN splits long reductions
+across threads for few rows, and attention over a batch reads keys up to the longest context
+and splits its reductions by that length. Here every reduction a row's result depends on has
+the same length and the same order whatever the batch:
+
+- Linear layers run every row count through oneDNN's packed kernel, which computes each row the
+  same way for any number of rows, with the input dimension split into chunks short enough that
+  oneDNN never splits them across threads; the partial products are added in a fixed order. The
+  chunk of each weight shape is chosen by probing the kernel on this machine.
+- Attention is computed one query at a time (a batch of 1 x head_dim products, which is
+  invariant to how many are batched), over exactly `bucket(position)` keys (a multiple of 64),
+  masked past the query's position, with the values' reduction in fixed chunks of 256 keys.
+
+So a request's logits are bitwise identical alone or beside any others, whatever chunk its
+prompt was split into, and whether its prefix was computed or reused from a cache slot.
+`check_batch_invariance` proves it on the loaded model at start-up. Costs: 1-3 row steps take
+the packed kernel, which is slower there than MKL's; prompts compute attention per query.
+Float32 on CPU only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from model.gpt2 import GPT
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_BUCKET = 64  # keys are read in multiples of this
+VALUE_CHUNK = 256  # the probabilities x values reduction runs in chunks of this many keys
+QUERY_BLOCK = 32  # queries gathered at once (bounds the memory of the gathered keys)
+PROBE_ROW_COUNTS = (1, 2, 3, 4, 5, 8, 16, 17, 32, 33)
+K_CHUNK_CANDIDATES = (None, 1024, 768, 512, 384, 256, 128, 64)  # None: the whole dimension
+
+
+class BatchInvarianceError(RuntimeError):
+    """This machine's kernels cannot give batch-invariant results for the model."""
+
+
+def _packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 32)
+
+
+class InvariantLinear(nn.Linear):
+    """An nn.Linear (same parameters and names) whose every row is computed the same way for
+    any number of rows: oneDNN's packed kernel over fixed chunks of the input dimension."""
+
+    chunk_bounds: list[tuple[int, int]]
+    packed_chunks: list[torch.Tensor]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, chunk: int | None) -> InvariantLinear:
+        """Wrap `linear`'s own parameters (shared) with the input split into `chunk`s."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.weight = linear.weight
+        layer.register_parameter("bias", linear.bias)
+        size = chunk or linear.in_features
+        layer.chunk_bounds = [
+            (start, min(start + size, linear.in_features))
+            for start in range(0, linear.in_features, size)
+        ]
+        layer.repack()
+        return layer
+
+    def repack(self) -> None:
+        """Pack the weight's chunks as they are now."""
+        self.packed_chunks = [_pack(self.weight[:, a:b]) for a, b in self.chunk_bounds]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in_features) -> (..., out_features)."""
+        if torch.is_grad_enabled():  # training: the plain layer (oneDNN's op has no backward)
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(-1, self.in_features)
+        if len(self.chunk_bounds) == 1:
+            out = _packed_linear(flat, self.packed_chunks[0], self.bias)
+        else:
+            out = torch.zeros(flat.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+            for (start, end), packed in zip(self.chunk_bounds, self.packed_chunks, strict=True):
+                out += _packed_linear(flat[:, start:end].contiguous(), packed, None)
+            if self.bias is not None:
+                out += self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def _is_row_invariant(layer: InvariantLinear, generator: torch.Generator) -> bool:
+    """Whether a row's output is the same bits at every row count and position probed."""
+    rows = torch.randn(max(PROBE_ROW_COUNTS), layer.in_features, generator=generator)
+    with torch.inference_mode():
+        alone = layer(rows[:1])[0]
+        for count in PROBE_ROW_COUNTS[1:]:
+            batch = rows[:count].clone()
+            batch[count - 1] = rows[0]  # the probed row at the end as well as at the start
+            out = layer(batch)
+            if not (torch.equal(out[0], alone) and torch.equal(out[count - 1], alone)):
+                return False
+    return True
+
+
+def invariant_chunk(linear: nn.Linear) -> int | None:
+    """The largest input chunk for which this machine computes `linear` row-invariantly."""
+    generator = torch.Generator().manual_seed(0)
+    for chunk in K_CHUNK_CANDIDATES:
+        if chunk is not None and chunk >= linear.in_features:
+            continue
+        candidate = InvariantLinear.from_linear(linear, chunk)
+        if _is_row_invariant(candidate, generator):
+            return chunk
+    raise BatchInvarianceError(
+        f"no input chunk makes a {linear.in_features} -> {linear.out_features} linear layer "
+        "batch-invariant with this machine's oneDNN kernels"
+    )
+
+
+def make_batch_invariant(model: nn.Module) -> None:
+    """Switch `model` to batch-invariant linears and attention, in place (float32, CPU)."""
+    if not (
+        torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    ):
+        raise BatchInvarianceError("batch-invariant mode needs a torch build with oneDNN")
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear) and not isinstance(child, InvariantLinear)
+    ]
+    for _, name, linear in targets:
+        if linear.weight.device.type != "cpu" or linear.weight.dtype != torch.float32:
+            raise BatchInvarianceError(
+                f"batch-invariant mode is for CPU float32 models, got {name}.weight on "
+                f"{linear.weight.device} as {linear.weight.dtype}"
+            )
+    chunks: dict[tuple[int, int, bool], int | None] = {}  # by shape: invariance is the kernel's
+    for parent, name, linear in targets:
+        shape = (linear.in_features, linear.out_features, linear.bias is not None)
+        if shape not in chunks:
+            chunks[shape] = invariant_chunk(linear)
+        setattr(parent, name, InvariantLinear.from_linear(linear, chunks[shape]))
+    for module in model.modules():
+        if hasattr(module, "batch_invariant"):
+            setattr(module, "batch_invariant", True)  # noqa: B010 - attention modules only
+    described = ", ".join(
+        f"{k}->{n}: {'whole' if c is None else f'chunks of {c}'}" for (k, n, _), c in chunks.items()
+    )
+    logger.info("batch-invariant mode: %d linear layers (%s)", len(targets), described)
+
+
+def bucket_length(num_keys: int, max_len: int) -> int:
+    """Keys a query attending to `num_keys` keys reads: the next multiple of the bucket."""
+    return min(ATTENTION_BUCKET * math.ceil(num_keys / ATTENTION_BUCKET), max_len)
+
+
+def invariant_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: list[int],
+    positions: list[list[int]],
+) -> torch.Tensor:
+    """Causal attention of each query over its own slot's keys, the same bits in any batch.
+
+    q (B, nh, T, hs); k_cache / v_cache (S, nh, M, hs) already hold this step's keys and
+    values; slots[b] is row b's slot; positions[b] the positions of row b's real queries
+    (padding queries, past the list's end, get zeros). Returns (B, nh, T, hs).
+    """
+    batch, num_heads, _, head_dim = q.shape
+    max_len = k_cache.shape[2]
+    scaled = q * (1.0 / math.sqrt(head_dim))
+    y = torch.zeros_like(q)
+    groups: dict[int, list[tuple[int, int, int]]] = {}  # key length -> (row, column, position)
+    for row in range(batch):
+        for column, position in enumerate(positions[row]):
+            length = bucket_length(position + 1, max_len)
+            groups.setdefault(length, []).append((row, column, position))
+    device = q.device
+    for length, items in groups.items():
+        for start in range(0, len(items), QUERY_BLOCK):
+            block = items[start : start + QUERY_BLOCK]
+            rows = torch.tensor([item[0] for item in block], device=device)
+            columns = torch.tensor([item[1] for item in block], device=device)
+            block_slots = torch.tensor([slots[item[0]] for item in block], device=device)
+            query_positions = torch.tensor([item[2] for item in block], device=device)
+            count = len(block)
+            queries = scaled[rows, :, columns].reshape(count * num_heads, 1, head_dim)
+            keys = k_cache[block_slots, :, :length].reshape(count * num_heads, length, head_dim)
+            values = v_cache[block_slots, :, :length].reshape(count * num_heads, length, head_dim)
+            scores = torch.bmm(queries, keys.transpose(1, 2)).view(count, num_heads, length)
+            future = torch.arange(length, device=device)[None, :] > query_positions[:, None]
+            scores.masked_fill_(future[:, None, :], float("-inf"))
+            probs = scores.softmax(dim=-1).view(count * num_heads, 1, length)
+            out = torch.zeros(count * num_heads, 1, head_dim, dtype=q.dtype, device=device)
+            for key_start in range(0, length, VALUE_CHUNK):
+                key_end = key_start + VALUE_CHUNK
+                out += torch.bmm(probs[:, :, key_start:key_end], values[:, key_start:key_end])
+            y[rows, :, columns] = out.view(count, num_heads, head_dim)
+    return y
+
+
+@torch.inference_mode()
+def check_batch_invariance(model: GPT, max_len: int, seed: int = 0) -> None:
+    """Raise BatchInvarianceError unless a probe prompt's last logits are the same bits alone,
+    in batches of other prompts, and split into other chunks (run once at start-up)."""
+    from model.kv_cache import BatchLayout, KVCache
+
+    config = model.config
+    length = min(max_len, 3 * ATTENTION_BUCKET // 2 + 5)  # crosses a key bucket
+    generator = torch.Generator().manual_seed(seed)
+    vocab = config.vocab_size
+
+    def prompt(size: int) -> list[int]:
+        return torch.randint(0, vocab, (size,), generator=generator).tolist()
+
+    target = prompt(length)
+    others = [prompt(1 + (7 * i) % length) for i in range(8)]
+
+    def last_logits(rows: list[list[int]], chunk: int) -> torch.Tensor:
+        cache = KVCache(config, len(rows), max_len, model.device, model.dtype)
+        done = [0] * len(rows)
+        result = None
+        while done[0] < len(rows[0]):
+            live = [i for i, row in enumerate(rows) if done[i] < len(row)]
+            counts = [min(chunk, len(rows[i]) - done[i]) for i in live]
+            width = max(counts)
+            tokens = [
+                rows[i][done[i] : done[i] + n] + [0] * (width - n)
+                for i, n in zip(live, counts, strict=True)
+            ]
+            starts = [done[i] for i in live]
+            layout = BatchLayout.build(live, starts, counts, max_len, model.device)
+            idx = torch.tensor(tokens, device=model.device)
+            logits = model.forward_cached(idx, cache, layout)
+            for position, i in enumerate(live):
+                done[i] += counts[position]
+            if done[0] >= len(rows[0]):
+                result = logits[0]
+        assert result is not None
+        return result
+
+    reference = last_logits([target], length)
+    for rows, chunk in (([target], 7), ([target, *others[:2]], length), ([target, *others], 13)):
+        if not torch.equal(last_logits(rows, chunk), reference):
+            raise BatchInvarianceError(
+                "this machine's kernels gave different bits for the same prompt in another "
+                f"batch ({len(rows)} rows, chunks of {chunk}): batch-invariant mode cannot be "
+                "guaranteed here"
+            )

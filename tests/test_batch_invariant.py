@@ -1,0 +1,134 @@
+"""Batch-invariant mode: a request's logits and logprobs are the same bits in any batch."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest import make_model
+from model.batch_invariant import (
+    BatchInvarianceError,
+    InvariantLinear,
+    check_batch_invariance,
+    make_batch_invariant,
+)
+from model.config import GPTConfig
+from model.gpt2 import GPT
+from model.loading import save_checkpoint
+from model.packed_linear import packing_available
+from model.sampling_params import SamplingParams
+from model.tokenizer import Tokenizer
+from service.api.loader import ServeConfigError, load_engine
+from service.api.settings import Settings
+from service.engine.config import EngineConfig
+from service.engine.llm_engine import LLMEngine
+from service.engine.params import StopParams
+from service.engine.request import Request
+
+pytestmark = pytest.mark.skipif(not packing_available(), reason="torch without oneDNN")
+
+# gpt2's widths (its 3072-wide MLP input is where oneDNN splits work), two layers for speed
+WIDE = GPTConfig(n_layer=2, n_head=12, n_embd=768, vocab_size=50257, block_size=256)
+TARGET_PARAMS = SamplingParams(temperature=0.8, top_k=40, seed=5, logprobs=5)
+
+
+@pytest.fixture(scope="module")
+def invariant_model() -> GPT:
+    torch.manual_seed(0)
+    model = GPT(WIDE).init_weights(0).eval()
+    make_batch_invariant(model)
+    return model
+
+
+def target_prompt() -> list[int]:
+    return [random.Random(1).randrange(50257) for _ in range(90)]
+
+
+def other_requests(count: int, seed: int) -> list[tuple[list[int], SamplingParams]]:
+    rng = random.Random(seed)
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.1, top_p=0.9, seed=3),
+        SamplingParams(repetition_penalty=1.3, seed=4, logprobs=2),
+    ]
+    return [
+        ([rng.randrange(50257) for _ in range(rng.randint(1, 150))], params[i % 3])
+        for i in range(count)
+    ]
+
+
+def run_target(
+    model: GPT, num_others: int, prefill_budget: int, reuse: bool, warm_prefix: bool = False
+) -> list[tuple[int, float | None, list[float] | None]]:
+    """The target request's tokens and logprobs, run beside `num_others` other requests."""
+    engine = LLMEngine(
+        model,
+        Tokenizer.default(),
+        EngineConfig(max_batch_size=33, max_prefill_tokens=prefill_budget, reuse_prefixes=reuse),
+    )
+    if warm_prefix:  # another request leaves the target's first 70 tokens cached
+        engine.add_request(target_prompt()[:70] + [5], SamplingParams(), StopParams(1))
+        while engine.has_work():
+            engine.step()
+    for prompt, params in other_requests(num_others, seed=num_others):
+        engine.add_request(prompt, params, StopParams(12, ignore_eos=True))
+    target: Request = engine.add_request(target_prompt(), TARGET_PARAMS, StopParams(8))
+    tokens = []
+    while engine.has_work():
+        for request, event in engine.step():
+            if request is target:
+                tokens += event.tokens
+    if warm_prefix:
+        assert target.num_cached_tokens == 70
+    return [
+        (t.token_id, t.logprob, t.top_logprobs.logprobs if t.top_logprobs else None) for t in tokens
+    ]
+
+
+def test_logprobs_are_the_same_bits_in_any_batch(invariant_model: GPT) -> None:
+    alone = run_target(invariant_model, 0, 512, reuse=False)
+    assert len(alone) == 8
+    for num_others, budget in ((2, 512), (16, 48), (31, 100)):  # batches of 3, 17 and 32
+        assert run_target(invariant_model, num_others, budget, reuse=False) == alone
+
+
+def test_prefix_reuse_gives_the_same_bits(invariant_model: GPT) -> None:
+    cold = run_target(invariant_model, 0, 512, reuse=False)
+    assert run_target(invariant_model, 4, 64, reuse=True, warm_prefix=True) == cold
+
+
+def test_close_to_the_plain_model() -> None:
+    torch.manual_seed(0)
+    plain = GPT(WIDE).init_weights(0).eval()
+    invariant = GPT(WIDE).init_weights(0).eval()
+    make_batch_invariant(invariant)
+    assert all(
+        isinstance(m, InvariantLinear)
+        for m in invariant.modules()
+        if isinstance(m, torch.nn.Linear)
+    )
+    idx = torch.tensor([target_prompt()])
+    with torch.inference_mode():
+        torch.testing.assert_close(invariant(idx), plain(idx), rtol=0, atol=1e-4)
+
+
+def test_start_up_check_refuses_a_plain_model_and_accepts_the_invariant_one(
+    invariant_model: GPT,
+) -> None:
+    check_batch_invariance(invariant_model, 256)
+    with pytest.raises(BatchInvarianceError, match="different bits"):
+        check_batch_invariance(make_model(), 128)
+
+
+def test_serve_refuses_int8_with_batch_invariance(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    save_checkpoint(make_model(), tmp_path / "m")
+    settings = Settings(
+        model=str(tmp_path / "m"), device="cpu", batch_invariant=True, quantization="int8"
+    )
+    with pytest.raises(ServeConfigError, match="int8"):
+        load_engine(settings)
+    engine, _ = load_engine(Settings(model=str(tmp_path / "m"), device="cpu", batch_invariant=True))
+    model = engine.engine.model
+    assert any(isinstance(m, InvariantLinear) for m in model.modules())
