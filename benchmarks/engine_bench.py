@@ -1,6 +1,6 @@
 """Engine-level throughput benchmark (no HTTP): prints a table.
 
-The workload of the issue: a gpt2-sized model (124M) with random weights, 32-token distinct
+The workload: a gpt2-sized model (124M) with random weights, 32-token distinct
 prompts, 128 greedy tokens each, end-of-text ignored; N requests submitted at once through the
 async engine, at several concurrency levels, and again with the batch forced to 1.
 

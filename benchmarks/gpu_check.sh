@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, as one script for a lent GPU machine; CI never runs it.
+# The checks that need a CUDA GPU, as one script to run on a GPU machine; CI never runs it.
 #
 #   bash benchmarks/gpu_check.sh              # python3 that has a CUDA torch (the GPU image's)
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
 #
 # 1. The CUDA tests: loading onto the GPU, and the decode CUDA graphs giving eager's greedy tokens.
-# 2. The engine benchmark of issue #3 on the GPU: gpt2 (random weights) in bfloat16 at 1, 64 and
+# 2. The engine benchmark on the GPU: gpt2 (random weights) in bfloat16 at 1, 64 and
 #    256 concurrent requests, eager and with --fast-decode (CUDA graphs).
 # Needs only torch, tiktoken, safetensors, numpy, tqdm, pytest and transformers (the tests'
 # conftest imports it): the engine imports no FastAPI. Writes the outputs to $OUT when set.

@@ -305,7 +305,7 @@ def _hub_folder(repo_id: str) -> Path:
     except ImportError:
         raise CheckpointError(
             f"{repo_id}: no such local file or folder, and loading a Hugging Face Hub model needs "
-            "huggingface_hub: pip install 'gptserve[hub]', or pass a local model folder"
+            "huggingface_hub: from the source tree, pip install '.[hub]'; or pass a local model folder"
         ) from None
     try:
         folder = _snapshot(hub, repo_id, local_only=True)

@@ -5,19 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from importlib.metadata import PackageNotFoundError, version
+
+from service.version import package_version
 
 # Each subcommand lives in service/commands/<name>.py with `register(subparsers)`, which adds
 # its parser and sets `func` (args -> exit code). Modules import heavy dependencies lazily.
 COMMANDS: list[str] = ["bench", "serve", "train"]
-
-
-def package_version() -> str:
-    """The installed gptserve's version (from its package metadata)."""
-    try:
-        return version("gptserve")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -62,7 +62,7 @@ def test_fail_clearly_on_a_missing_model(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("service.api.logging_config.configure_logging", lambda *args: None)
-    assert serve_command.run(parse("--model", str(tmp_path / "nowhere"))) == 1
+    assert serve_command.run(parse("--model", str(tmp_path / "nowhere"), "--port", "0")) == 1
     err = capsys.readouterr().err
     assert "cannot load the model" in err and "nowhere" in err
 

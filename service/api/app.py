@@ -26,6 +26,7 @@ from service.api.middleware import REQUEST_ID_HEADER, RequestContextMiddleware
 from service.api.openapi_errors import error_responses, install_openapi_errors
 from service.api.settings import Settings
 from service.engine.async_engine import AsyncEngine
+from service.version import package_version
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,9 @@ def create_app(
             await asyncio.gather(starting, return_exceptions=True)
             await served.shutdown()
 
-    app = FastAPI(title="gptserve", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="gptserve", description=DESCRIPTION, version=package_version(), lifespan=lifespan
+    )
     app.state.settings = settings
     app.state.metrics = metrics
     install_error_handlers(app, settings.retry_after)
