@@ -348,7 +348,7 @@ def test_report_hub_download_failure(
 
 def test_report_hub_name_without_huggingface_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # makes the import fail
-    with pytest.raises(CheckpointError, match=r"^gpt2-xl: .*pip install 'gptserve\[hub\]'"):
+    with pytest.raises(CheckpointError, match=r"^gpt2-xl: .*pip install '\.\[hub\]'"):
         load_model("gpt2-xl")
 
 
