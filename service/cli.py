@@ -10,7 +10,7 @@ from service.version import package_version
 
 # Each subcommand lives in service/commands/<name>.py with `register(subparsers)`, which adds
 # its parser and sets `func` (args -> exit code). Modules import heavy dependencies lazily.
-COMMANDS: list[str] = ["bench", "serve", "train"]
+COMMANDS: list[str] = ["bench", "score", "serve", "train"]
 
 
 def build_parser() -> argparse.ArgumentParser:

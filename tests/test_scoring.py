@@ -64,12 +64,9 @@ def check_prompt_logprobs(model: GPT, request: Request, num_top: int) -> None:
         assert entry.token_id == prompt[position]
         assert entry.logprob == pytest.approx(row[prompt[position]].item(), abs=1e-4)
         chosen = row[prompt[position]]  # rank: 1 + tokens more likely (ties within rounding)
-        assert entry.rank is not None
-        assert (
-            int((row > chosen + 1e-4).sum()) + 1
-            <= entry.rank
-            <= int((row > chosen - 1e-4).sum()) + 1
-        )
+        if entry.rank is not None:  # when asked for
+            lowest = int((row > chosen + 1e-4).sum()) + 1
+            assert lowest <= entry.rank <= int((row > chosen - 1e-4).sum()) + 1
         if num_top:
             assert entry.top_logprobs is not None
             values, ids = row.topk(num_top)
@@ -88,7 +85,11 @@ def test_prompt_logprobs_equal_full_forward_chunked_and_mixed(packed: bool) -> N
     rng = random.Random(2)
     long_prompt = [rng.randrange(50257) for _ in range(70)]  # 5 chunks of at most 16
     scored = engine.add_request(
-        long_prompt, GREEDY, StopParams(max_new_tokens=0), prompt_logprobs=3
+        long_prompt,
+        GREEDY,
+        StopParams(max_new_tokens=0),
+        prompt_logprobs=3,
+        prompt_logprob_ranks=True,
     )
     # generation requests share the steps, some with prompt log-probabilities of their own
     others = [
@@ -96,7 +97,11 @@ def test_prompt_logprobs_equal_full_forward_chunked_and_mixed(packed: bool) -> N
         for n in (3, 25)
     ]
     with_one = engine.add_request(
-        [rng.randrange(50257) for _ in range(20)], GREEDY, StopParams(4), prompt_logprobs=0
+        [rng.randrange(50257) for _ in range(20)],
+        GREEDY,
+        StopParams(4),
+        prompt_logprobs=0,
+        prompt_logprob_ranks=True,
     )
     events = run(engine)
     check_prompt_logprobs(model, scored, 3)
@@ -116,7 +121,13 @@ def test_prompt_logprobs_survive_preemption() -> None:
     engine = make_engine(model, max_batch_size=1, max_prefill_tokens=8)
     prompt = list(range(300, 340))
     scored = engine.add_request(
-        prompt, GREEDY, StopParams(3), prompt_logprobs=2, client_id="a", priority=1
+        prompt,
+        GREEDY,
+        StopParams(3),
+        prompt_logprobs=2,
+        prompt_logprob_ranks=True,
+        client_id="a",
+        priority=1,
     )
     engine.step()
     engine.step()  # 16 of 40 prompt tokens computed

@@ -69,6 +69,7 @@ async def _submit(state: AppState, body: CompletionRequest, http_request: Reques
             body.to_sampling_params(sample, default_mode=mode),
             stop,
             body.num_prompt_logprobs,
+            prompt_logprob_ranks=body.prompt_logprobs is not None,  # vLLM's field shows ranks
         )
         for prompt_ids in prompts
         for sample in range(body.n)

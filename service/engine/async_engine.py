@@ -55,6 +55,7 @@ class RequestSpec:
     sampling: SamplingParams
     stop: StopParams
     prompt_logprobs: int | None = None
+    prompt_logprob_ranks: bool = False  # each prompt token's rank too
 
 
 class RequestGroup:
@@ -276,6 +277,7 @@ class AsyncEngine:
                 group_id=group_id,
                 timeout=timeout,
                 prompt_logprobs=spec.prompt_logprobs,
+                prompt_logprob_ranks=spec.prompt_logprob_ranks,
             )
             for index, spec in enumerate(specs)
         ]

@@ -94,6 +94,7 @@ class LLMEngine:
         group_id: str = "",
         timeout: float | None = None,
         prompt_logprobs: int | None = None,
+        prompt_logprob_ranks: bool = False,
     ) -> Request:
         """Validate a request and build its state; raises InvalidRequestError at once.
 
@@ -132,6 +133,7 @@ class LLMEngine:
             client_id=client_id,
             group_id=group_id or request_id,
             prompt_logprobs=prompt_logprobs,
+            prompt_logprob_ranks=prompt_logprob_ranks,
         )
         if timeout is not None:
             request.deadline = request.arrival_time + timeout

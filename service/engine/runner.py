@@ -172,22 +172,27 @@ class ModelRunner:
         states = torch.cat(pieces)  # (N, C)
         target_ids = torch.tensor(targets, dtype=torch.long, device=self.device)
         num_top = max(r.prompt_logprobs or 0 for r, _ in spans)
+        with_ranks = any(r.prompt_logprob_ranks for r, _ in spans)
         chosen_parts, rank_parts, top_value_parts, top_id_parts = [], [], [], []
+        buffer: torch.Tensor | None = None  # one (n, V) block of log-probabilities, reused
         for begin in range(0, states.shape[0], PROMPT_LOGPROBS_CHUNK):
             end = begin + PROMPT_LOGPROBS_CHUNK
-            logits = self.model.logits(states[begin:end]).float()
+            logits = self.model.logits(states[begin:end]).float()  # (n, V), a block at a time
             if self.vocab_size < logits.shape[-1]:
                 logits = logits[:, : self.vocab_size]
-            logprobs = torch.log_softmax(logits, dim=-1)  # (n, V), one block at a time
+            if buffer is None or buffer.shape != logits.shape:
+                buffer = torch.empty_like(logits)
+            logprobs = torch.log_softmax(logits, dim=-1, out=buffer)
             chosen = logprobs.gather(1, target_ids[begin:end, None])  # (n, 1)
             chosen_parts.append(chosen.squeeze(1))
-            rank_parts.append((logprobs > chosen).sum(dim=-1) + 1)
+            if with_ranks:
+                rank_parts.append(torch.count_nonzero(logprobs > chosen, dim=-1) + 1)
             if num_top:
                 values, ids = logprobs.topk(num_top, dim=-1)
                 top_value_parts.append(values)
                 top_id_parts.append(ids)
         chosen_values = torch.cat(chosen_parts).tolist()
-        ranks = torch.cat(rank_parts).tolist()
+        ranks = torch.cat(rank_parts).tolist() if with_ranks else None
         top_values = torch.cat(top_value_parts).tolist() if num_top else None
         top_ids = torch.cat(top_id_parts).tolist() if num_top else None
         offset = 0
@@ -199,7 +204,8 @@ class ModelRunner:
                 if wanted and top_ids is not None and top_values is not None:
                     top = TopLogprobs(top_ids[offset + i][:wanted], top_values[offset + i][:wanted])
                 at = offset + i
-                entries.append(PromptLogprob(targets[at], chosen_values[at], top, ranks[at]))
+                rank = ranks[at] if ranks is not None and request.prompt_logprob_ranks else None
+                entries.append(PromptLogprob(targets[at], chosen_values[at], top, rank))
             result.prompt_logprobs[request.request_id] = entries
             offset += count
 

@@ -23,6 +23,7 @@ class SlotContent:
     tokens: list[int] = field(default_factory=list)
     prompt_logprobs: list[PromptLogprob] = field(default_factory=list)
     num_top: int = -1  # alternatives per entry; -1 when there are no entries
+    has_ranks: bool = False  # whether the entries carry each token's rank
 
 
 @dataclass
@@ -131,9 +132,17 @@ class SlotPool:
         owner = self.owners[slot]
         if owner is not None:
             entries, num_top = owner.prompt_logprob_entries, owner.prompt_logprobs
+            has_ranks = owner.prompt_logprob_ranks
         else:
-            entries, num_top = self.contents[slot].prompt_logprobs, self.contents[slot].num_top
+            content = self.contents[slot]
+            entries, num_top, has_ranks = (
+                content.prompt_logprobs,
+                content.num_top,
+                content.has_ranks,
+            )
         if num_top is None or num_top < request.prompt_logprobs:
+            return 0
+        if request.prompt_logprob_ranks and not has_ranks:
             return 0
         return max(0, min(length, common - 1, len(entries) - 1))
 
@@ -183,7 +192,8 @@ class SlotPool:
             num_top = request.prompt_logprobs
             if num_top is None or not entries:
                 num_top = -1
-            self.contents[slot] = SlotContent(tokens, list(entries), num_top)
+            has_ranks = request.prompt_logprob_ranks and bool(entries)
+            self.contents[slot] = SlotContent(tokens, list(entries), num_top, has_ranks)
         self._touch(slot)
 
     def forget(self, slot: int) -> None:
