@@ -58,11 +58,15 @@ class FieldSpec(BaseModel):
     name: str
     types: list[str] = Field(description='JSON types it accepts, such as ["number", "null"]')
     required: bool
-    default: Any = Field(None, description="the value this server uses when the field is left out")
+    default: Any = Field(
+        default=None, description="the value this server uses when the field is left out"
+    )
     # int | float: a seed's bounds (2**64 - 1) are exact integers, not rounded floats
-    minimum: int | float | None = Field(None, description="for logit_bias: of each bias")
+    minimum: int | float | None = Field(default=None, description="for logit_bias: of each bias")
     maximum: int | float | None = None
-    exclusive_minimum: bool = Field(False, description="true: the minimum itself is refused")
+    exclusive_minimum: bool = Field(
+        default=False, description="true: the minimum itself is refused"
+    )
     choices: list[str] | None = None
     description: str
 
