@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+
+from model.validation import DictFields, is_int, is_number
 
 
 class ConfigError(ValueError):
@@ -11,8 +12,11 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(DictFields):
     """Sizes of a GPT-2 model. The defaults are the 124M `gpt2`."""
+
+    unknown_keys_error = ConfigError
+    unknown_keys_label = "unknown config keys"
 
     n_layer: int = 12
     n_head: int = 12
@@ -24,12 +28,12 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         eps = self.layer_norm_epsilon
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        if not is_number(eps) or not 0 < eps < 1:
             raise ConfigError(f"layer_norm_epsilon must be in (0, 1), got {eps!r}")
 
     @property
@@ -52,19 +56,6 @@ class GPTConfig:
         except KeyError:
             known = ", ".join(PRESETS)
             raise ConfigError(f"unknown model preset {name!r}; known presets: {known}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the fields."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GPTConfig:
-        """Build from a dict, rejecting unknown keys so typos do not pass silently."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
-        return cls(**data)
 
 
 PRESETS: dict[str, dict[str, int]] = {

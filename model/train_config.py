@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import numbers
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from model.config import ConfigError, GPTConfig
+from model.validation import DictFields, is_int, is_number
 
 SAVE_DTYPES = ("float16", "bfloat16", "float32")
 # Settings a resumed run may change: they do not alter the model, the data or the optimizer's
@@ -32,8 +32,11 @@ class TrainConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(DictFields):
     """Everything that determines a training run; the same config and seed give the same losses."""
+
+    unknown_keys_error = TrainConfigError
+    unknown_keys_label = "unknown training settings"
 
     data: str  # a UTF-8 text file
     out_dir: str  # receives the best checkpoint (gptserve format) and train_state.pt
@@ -118,19 +121,6 @@ class TrainConfig:
         """Tokens that one optimizer step trains on."""
         return self.batch_size * self.grad_accum_steps * self.block_size
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the fields."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Build from a dict, rejecting unknown keys."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TrainConfigError(f"unknown training settings: {', '.join(unknown)}")
-        return cls(**data)
-
     def resumed_with(self, overrides: dict[str, Any]) -> TrainConfig:
         """This (saved) config with `overrides` applied, refusing changes that break resuming."""
         changed = sorted(
@@ -149,7 +139,7 @@ class TrainConfig:
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    if not is_int(value) or value < minimum:  # type: ignore[operator]
         raise TrainConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
@@ -162,8 +152,7 @@ def _check_number(
     high_open: bool = False,
 ) -> None:
     """Raise unless `value` is a finite real number within the given (open or closed) bounds."""
-    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    number = float(value) if is_number else math.nan  # type: ignore[arg-type]
+    number = float(value) if is_number(value) else math.nan  # type: ignore[arg-type]
     above = number > low if low_open else number >= low
     below = number < high if high_open else number <= high
     if not (math.isfinite(number) and above and below):
