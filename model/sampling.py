@@ -284,6 +284,17 @@ def _final_logits(
     return logits
 
 
+def final_distribution_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Rows [R, V] of one request after its temperature and top-k / top-p / min-p cuts: the
+    logits of the distribution it samples from (greedy: the cuts at temperature 1). May be
+    `logits` itself when nothing changes it."""
+    if params.is_greedy:
+        cut = logits.clone() if params.uses_truncation else logits
+        _truncate_in_place(cut, [params] * logits.shape[0])
+        return cut
+    return _final_logits(logits, [params] * logits.shape[0], is_owned=False)
+
+
 def _draw(final: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """Draw one token id per row of the final logits [S, V]; returns [S] int64."""
     probs = final.softmax(dim=-1)

@@ -11,6 +11,7 @@ from model.batch_invariant import (
     check_batch_invariance,
     make_batch_invariant,
 )
+from model.gpt2 import GPT
 from model.loading import load_model
 from model.packed_linear import PACKABLE_DTYPES, pack_linears, packing_available
 from model.quantize import apply_quantization
@@ -80,6 +81,8 @@ def engine_config(settings: Settings, device: torch.device) -> EngineConfig:
         fast_decode=fast_decode,
         max_slots_per_request=settings.max_slots_per_request,
         reuse_prefixes=settings.prefix_caching,
+        speculative_method=settings.speculative_method,
+        num_speculative_tokens=settings.num_speculative_tokens,
     )
 
 
@@ -120,10 +123,37 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
         tokenizer = Tokenizer.for_model_dir(loaded.tokenizer_dir)
     else:
         tokenizer = Tokenizer.default()
-    engine = LLMEngine(model, tokenizer, engine_config(settings, device))
+    draft = load_draft_model(settings, model, device, dtype)
+    engine = LLMEngine(model, tokenizer, engine_config(settings, device), draft_model=draft)
     release_openmp_threads()  # loading ran here; the steps will run on the engine thread
     default_name = BUNDLED_MODEL_NAME if settings.model is None else loaded.name
     return serve_engine(engine, settings), settings.served_model_name or default_name
+
+
+def load_draft_model(
+    settings: Settings, model: GPT, device: torch.device, dtype: torch.dtype
+) -> GPT | None:
+    """The draft model of `--speculative-method draft`, checked against the served model."""
+    if settings.speculative_method != "draft":
+        if settings.draft_model is not None:
+            raise ServeConfigError("--draft-model is used with --speculative-method draft")
+        return None
+    if settings.draft_model is None:
+        raise ServeConfigError("--speculative-method draft needs --draft-model")
+    draft = load_model(settings.draft_model, device, dtype).model
+    check_finite_weights(draft, settings.draft_model)
+    if draft.config.vocab_size < model.config.vocab_size:
+        raise ServeConfigError(
+            f"the draft model's vocabulary ({draft.config.vocab_size}) is smaller than the "
+            f"served model's ({model.config.vocab_size}): it cannot propose every token"
+        )
+    on_cpu = device.type == "cpu" and dtype in PACKABLE_DTYPES
+    if on_cpu and settings.pack_weights and packing_available():
+        pack_linears(draft)
+    logger.info(
+        "draft model %s: %s parameters", settings.draft_model, f"{draft.config.num_parameters:,}"
+    )
+    return draft
 
 
 def serve_engine(engine: LLMEngine, settings: Settings) -> AsyncEngine:

@@ -83,6 +83,17 @@ class Metrics(EngineListener):
             "hit rate = hits / queries.",
             registry=self.registry,
         )
+        self.spec_decode_draft_tokens = Counter(
+            PREFIX + "spec_decode_num_draft_tokens",
+            "Guessed tokens checked by speculative decoding.",
+            registry=self.registry,
+        )
+        self.spec_decode_accepted_tokens = Counter(
+            PREFIX + "spec_decode_num_accepted_tokens",
+            "Guessed tokens the model agreed with; acceptance rate = accepted / draft.",
+            registry=self.registry,
+        )
+        self._spec_totals = (0, 0)
         self.request_success = Counter(
             PREFIX + "request_success",
             "Requests that completed, by finish reason.",
@@ -138,6 +149,12 @@ class Metrics(EngineListener):
             self.time_to_first_token.observe(now - request.arrival_time)
         elif request.last_token_time is not None:
             self.inter_token_latency.observe(now - request.last_token_time)
+
+    def on_speculation(self, num_draft_tokens: int, num_accepted_tokens: int) -> None:
+        drafts, accepted = self._spec_totals
+        self.spec_decode_draft_tokens.inc(num_draft_tokens - drafts)
+        self.spec_decode_accepted_tokens.inc(num_accepted_tokens - accepted)
+        self._spec_totals = (num_draft_tokens, num_accepted_tokens)
 
     def on_request_finished(self, request: Request) -> None:
         reason = request.finish_reason.value if request.finish_reason else "error"

@@ -35,7 +35,14 @@ async def _submit(state: AppState, body: GenerateRequest, http_request: Request)
     stop = body.to_stop_params()
     sampling = body.to_sampling_params(default_mode=state.settings.logprobs_mode)
     prompt_ids = await encode_prompt(state.tokenizer, body.prompt)
-    spec = RequestSpec(prompt_ids, sampling, stop, body.prompt_logprobs, prompt_logprob_ranks=True)
+    spec = RequestSpec(
+        prompt_ids,
+        sampling,
+        stop,
+        body.prompt_logprobs,
+        prompt_logprob_ranks=True,
+        speculative=body.speculative,
+    )
     request_id = f"gen-{uuid.uuid4().hex}"
     return submit(
         state, http_request, [spec], request_id, priority=body.priority, timeout=body.timeout

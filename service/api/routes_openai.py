@@ -70,6 +70,7 @@ async def _submit(state: AppState, body: CompletionRequest, http_request: Reques
             stop,
             body.num_prompt_logprobs,
             prompt_logprob_ranks=body.prompt_logprobs is not None,  # vLLM's field shows ranks
+            speculative=body.speculative,
         )
         for prompt_ids in prompts
         for sample in range(body.n)

@@ -149,6 +149,11 @@ class SamplingFields(StrictModel):
         "with this many alternatives (0-20); the first token has none",
     )
     priority: int = Field(0, description="scheduling priority: lower values go first")
+    speculative: bool | None = Field(
+        default=None,
+        description="decode with guessed tokens checked in one pass, where the server has "
+        "--speculative-method (the default there); false opts out",
+    )
     timeout: float | None = Field(
         default=None,
         gt=0,

@@ -78,6 +78,21 @@ class Settings(BaseSettings):
         "else runs beside it (oneDNN for every row count, per-query attention); checked at "
         "start-up; costs some speed, most on long prompts",
     )
+    speculative_method: Literal["none", "ngram", "draft"] = Field(
+        default="none",
+        description="speculative decoding: ngram guesses the next tokens by prompt lookup (free; "
+        "strong when the output repeats its context), draft asks --draft-model; each step "
+        "checks the guesses in one pass (exact for greedy, the same distribution for sampling); "
+        "requests may opt out with speculative: false",
+    )
+    num_speculative_tokens: int = Field(
+        default=4, ge=1, le=16, description="guesses checked per step with speculative decoding"
+    )
+    draft_model: str | None = Field(
+        default=None,
+        description="the draft model for --speculative-method draft: a smaller model with the "
+        "same vocabulary (folder, checkpoint or Hub name)",
+    )
     prefix_caching: bool = Field(
         default=True,
         description="start a prompt from the longest prefix still cached in a KV-cache slot "

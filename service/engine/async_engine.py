@@ -56,6 +56,7 @@ class RequestSpec:
     stop: StopParams
     prompt_logprobs: int | None = None
     prompt_logprob_ranks: bool = False  # each prompt token's rank too
+    speculative: bool | None = None  # None: as the server's speculative decoding says
 
 
 class RequestGroup:
@@ -278,6 +279,7 @@ class AsyncEngine:
                 timeout=timeout,
                 prompt_logprobs=spec.prompt_logprobs,
                 prompt_logprob_ranks=spec.prompt_logprob_ranks,
+                speculative=spec.speculative,
             )
             for index, spec in enumerate(specs)
         ]

@@ -19,6 +19,10 @@ class EngineConfig:
     fast_decode: bool = False  # decode at bucketed shapes, replayed as CUDA graphs on CUDA
     max_slots_per_request: int | None = None  # slots one API request's choices may hold at once
     reuse_prefixes: bool = True  # start prompts from a prefix cached in a slot, when one is
+    speculative_method: str = "none"  # none, ngram (prompt lookup) or draft (a draft model)
+    num_speculative_tokens: int = 4  # guesses checked per step
+    ngram_max: int = 4  # prompt lookup matches the last ngram_max .. ngram_min tokens
+    ngram_min: int = 1
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_prefill_tokens"):
@@ -29,6 +33,12 @@ class EngineConfig:
             raise ValueError(
                 f"max_slots_per_request must be >= 1 or None, got {self.max_slots_per_request}"
             )
+        if self.speculative_method not in ("none", "ngram", "draft"):
+            raise ValueError(
+                f"speculative_method must be none, ngram or draft, got {self.speculative_method!r}"
+            )
+        if self.num_speculative_tokens < 1 or not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError("num_speculative_tokens must be >= 1 and 1 <= ngram_min <= ngram_max")
         if self.max_queue_size < 0:
             raise ValueError(f"max_queue_size must be >= 0, got {self.max_queue_size}")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -28,8 +28,9 @@ from service.engine.errors import (
 from service.engine.output_processor import OutputProcessor
 from service.engine.params import StopParams
 from service.engine.request import FinishReason, PromptLogprob, Request, RequestOutput
-from service.engine.runner import ModelRunner, StepResult
+from service.engine.runner import ModelRunner, SampledToken, StepResult
 from service.engine.scheduler import Scheduler, SchedulerOutput
+from service.engine.speculation import Speculator
 from service.engine.stats import EngineListener, EngineStats
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class LLMEngine:
         tokenizer: Tokenizer,
         config: EngineConfig | None = None,
         listeners: Sequence[EngineListener] = (),
+        draft_model: GPT | None = None,
     ) -> None:
         self.config = config or EngineConfig()
         self.model = model
@@ -65,6 +67,18 @@ class LLMEngine:
             max_slots_per_group=self.config.max_slots_per_request,
             reuse_prefixes=self.config.reuse_prefixes,
         )
+        speculator = None
+        if self.config.speculative_method != "none":
+            speculator = Speculator(
+                method=self.config.speculative_method,
+                num_tokens=self.config.num_speculative_tokens,
+                max_model_len=self.max_model_len,
+                vocab_size=self.vocab_size,
+                max_ngram=self.config.ngram_max,
+                min_ngram=self.config.ngram_min,
+                draft_model=draft_model,
+                num_slots=self.config.max_batch_size,
+            )
         self.runner = ModelRunner(
             model,
             num_slots=self.config.max_batch_size,
@@ -72,6 +86,7 @@ class LLMEngine:
             vocab_size=self.vocab_size,
             eos_token_id=tokenizer.eos_token_id,
             fast_decode=self.config.fast_decode,
+            speculator=speculator,
         )
         self.output_processor = OutputProcessor(tokenizer, tokenizer.eos_token_id)
         self.stats = EngineStats()
@@ -95,6 +110,7 @@ class LLMEngine:
         timeout: float | None = None,
         prompt_logprobs: int | None = None,
         prompt_logprob_ranks: bool = False,
+        speculative: bool | None = None,
     ) -> Request:
         """Validate a request and build its state; raises InvalidRequestError at once.
 
@@ -116,6 +132,13 @@ class LLMEngine:
                 f"prompt_logprobs must be in [0, {MAX_PROMPT_LOGPROBS}], got {prompt_logprobs}",
                 "prompt_logprobs",
             )
+        has_speculation = self.config.speculative_method != "none"
+        if speculative and not has_speculation:
+            raise InvalidRequestError(
+                "speculative decoding is not configured on this server (start it with "
+                "--speculative-method ngram or draft)",
+                "speculative",
+            )
         if timeout is not None and not timeout > 0:
             raise InvalidRequestError(f"timeout must be > 0 seconds, got {timeout}", "timeout")
         max_new = stop.max_new_tokens
@@ -134,6 +157,7 @@ class LLMEngine:
             group_id=group_id or request_id,
             prompt_logprobs=prompt_logprobs,
             prompt_logprob_ranks=prompt_logprob_ranks,
+            speculative=has_speculation if speculative is None else speculative,
         )
         if timeout is not None:
             request.deadline = request.arrival_time + timeout
@@ -271,33 +295,53 @@ class LLMEngine:
             if chunk.completes_tokens:
                 ready.append(chunk.request)
         for request in work.decodes:
-            request.num_computed_tokens += 1
+            verified = result.accepted.get(request.request_id)
+            # the last token, and the accepted guesses with it (all but the token drawn last)
+            request.num_computed_tokens += len(verified) if verified else 1
             ready.append(request)
+        num_generated = 0
         for request in ready:
-            token = result.sampled.get(request.request_id)
-            try:
-                if token is None:  # the prompt is scored and nothing is to be generated
-                    request.finish_reason = FinishReason.LENGTH
-                    event = request.final_output()
-                else:
-                    event = self.output_processor.process(request, token)
-            except Exception as exc:  # fail this request alone, keep the others going
-                logger.exception("output processing failed for %s", request.request_id)
-                events.append((request, self._fail_request(request, exc)))
-                continue
-            if request.prompt_logprobs is not None and not request.is_prompt_logprobs_sent:
-                event.prompt_logprobs = request.prompt_logprob_entries
-                request.is_prompt_logprobs_sent = True
-            if token is not None:
+            tokens = result.accepted.get(request.request_id)
+            if tokens is None:
+                token = result.sampled.get(request.request_id)
+                tokens = [token] if token is not None else []
+            for event in self._outputs(request, tokens, now, events):
+                events.append((request, event))
+            num_generated += len(tokens)
+        self._notify("on_step", work.num_rows, work.num_prefill_tokens, num_generated)
+        if result.accepted:
+            stats = self.runner.speculator.stats if self.runner.speculator else None
+            if stats is not None:
+                self._notify("on_speculation", stats.num_draft_tokens, stats.num_accepted_tokens)
+        return events
+
+    def _outputs(
+        self, request: Request, tokens: list[SampledToken], now: float, events: list[Event]
+    ) -> list[RequestOutput]:
+        """The events of a request's new tokens (none: its prompt was only scored)."""
+        outputs: list[RequestOutput] = []
+        try:
+            if not tokens:  # the prompt is scored and nothing is to be generated
+                request.finish_reason = FinishReason.LENGTH
+                outputs.append(request.final_output())
+            for token in tokens:
+                outputs.append(self.output_processor.process(request, token))
                 self._notify("on_token", request, now)
                 if request.first_token_time is None:
                     request.first_token_time = now
                 request.last_token_time = now
-            if event.finished:
-                self._end(request)
-            events.append((request, event))
-        self._notify("on_step", work.num_rows, work.num_prefill_tokens, len(result.sampled))
-        return events
+                if outputs[-1].finished:
+                    break  # a stop ends it: guesses after the stop are dropped
+        except Exception as exc:  # fail this request alone, keep the others going
+            logger.exception("output processing failed for %s", request.request_id)
+            events.append((request, self._fail_request(request, exc)))
+            return []
+        if request.prompt_logprobs is not None and not request.is_prompt_logprobs_sent:
+            outputs[0].prompt_logprobs = request.prompt_logprob_entries
+            request.is_prompt_logprobs_sent = True
+        if outputs[-1].finished:
+            self._end(request)
+        return outputs
 
     def _fail_request(self, request: Request, exc: Exception) -> RequestOutput:
         """End one request with a StepFailedError."""

@@ -115,6 +115,7 @@ class Request:
     deadline: float | None = None  # time.monotonic() by which it must have finished
     prompt_logprobs: int | None = None  # alternatives per prompt token; None: not asked
     prompt_logprob_ranks: bool = False  # also each prompt token's rank (a pass over the vocab)
+    speculative: bool = False  # may decode with guessed tokens checked in one pass
     status: RequestStatus = RequestStatus.WAITING
     slot: int | None = None
     is_paused: bool = False  # its reader is behind: it keeps its slot but takes no steps

@@ -9,10 +9,12 @@ import torch
 from model.gpt2 import GPT
 from model.kv_cache import BatchLayout, KVCache
 from model.sampling import SamplerOutput, SamplingState, sample
+from model.speculative import verify
 from service.engine.decode_graphs import DecodeGraphs
 from service.engine.errors import ModelNotUsableError
 from service.engine.request import PromptLogprob, Request, TopLogprobs
 from service.engine.scheduler import PrefillChunk, SchedulerOutput
+from service.engine.speculation import Speculator
 
 # Prompt log-probabilities go through the head this many positions at a time, so a long prompt
 # never holds a (length x vocabulary) block of logits at once.
@@ -35,6 +37,8 @@ class StepResult:
     """One step's results, by request id."""
 
     sampled: dict[str, SampledToken] = field(default_factory=dict)
+    # Requests whose guesses were verified: the tokens kept (accepted guesses, then one more).
+    accepted: dict[str, list[SampledToken]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[PromptLogprob]] = field(default_factory=dict)
     num_forward_tokens: int = 0  # tokens put through the model (prompt chunks and decodes)
 
@@ -50,6 +54,7 @@ class ModelRunner:
         vocab_size: int | None = None,
         eos_token_id: int | None = None,
         fast_decode: bool = False,
+        speculator: Speculator | None = None,
     ) -> None:
         self.model = model
         self.device = model.device
@@ -62,6 +67,7 @@ class ModelRunner:
         cache_slots = num_slots + 1 if fast_decode else num_slots
         self.cache = KVCache(model.config, cache_slots, max_model_len, self.device, self.dtype)
         self._states: dict[str, SamplingState] = {}
+        self.speculator = speculator
         self.decode_graphs = (
             DecodeGraphs(model, self.cache, num_slots, num_slots, max_model_len)
             if fast_decode
@@ -90,9 +96,12 @@ class ModelRunner:
                 last = torch.tensor([work.prefills[i].length - 1 for i in keep], device=self.device)
                 logits_parts.append(self.model.logits(hidden[rows, last]))  # (K, vocab)
                 sampled_rows.extend(work.prefills[i].request for i in keep)
-        if work.decodes:
-            logits_parts.append(self._run_decode(work.decodes))
-            sampled_rows.extend(work.decodes)
+        decodes = work.decodes
+        if decodes and self.speculator is not None:
+            decodes = self._speculate(decodes, result)
+        if decodes:
+            logits_parts.append(self._run_decode(decodes))
+            sampled_rows.extend(decodes)
         if sampled_rows:
             logits = torch.cat(logits_parts) if len(logits_parts) > 1 else logits_parts[0]
             result.sampled = self._sample(sampled_rows, logits)
@@ -144,6 +153,41 @@ class ModelRunner:
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
         return logits[inverse.to(self.device)]
+
+    def _speculate(self, decodes: list[Request], result: StepResult) -> list[Request]:
+        """Verify guesses for the decode rows that can take them, in one forward pass; returns
+        the rows left to decode one token at a time."""
+        assert self.speculator is not None
+        eligible = [r for r in decodes if _can_speculate(r)]
+        if not eligible:
+            return decodes
+        proposals = self.speculator.propose(eligible, [self._state(r) for r in eligible])
+        if not proposals:
+            return decodes
+        rows = [[p.request.token_at(p.request.num_computed_tokens), *p.guesses] for p in proposals]
+        width = max(len(row) for row in rows)
+        layout = BatchLayout.build(
+            [_slot(p.request) for p in proposals],
+            [p.request.num_computed_tokens for p in proposals],
+            [len(row) for row in rows],
+            self.max_model_len,
+            self.device,
+        )
+        idx = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=self.device)
+        hidden = self.model.hidden_cached(idx, self.cache, layout)  # (R, 1 + k, C)
+        for row, proposal in enumerate(proposals):
+            logits = self.model.logits(hidden[row, : len(rows[row])]).float()  # (1 + k, V)
+            if self.vocab_size < logits.shape[-1]:
+                logits[:, self.vocab_size :] = float("-inf")
+            state = self._state(proposal.request)
+            verified = verify(logits, proposal.guesses, state, proposal.draft_probs)
+            self.speculator.accepted(proposal, verified.num_accepted)
+            result.accepted[proposal.request.request_id] = [
+                SampledToken(token) for token in verified.token_ids
+            ]
+        result.num_forward_tokens += sum(len(p.guesses) for p in proposals)
+        speculated = {id(p.request) for p in proposals}
+        return [r for r in decodes if id(r) not in speculated]
 
     def _prompt_logprobs(
         self, chunks: list[PrefillChunk], hidden: torch.Tensor, result: StepResult
@@ -245,6 +289,8 @@ class ModelRunner:
     def release(self, request_id: str) -> None:
         """Forget a finished request's per-request state (its generator and tensors)."""
         self._states.pop(request_id, None)
+        if self.speculator is not None:
+            self.speculator.release(request_id)
 
     @torch.inference_mode()
     def check_logits(self) -> None:
@@ -257,6 +303,17 @@ class ModelRunner:
                 "the model's logits are not finite numbers (NaN or infinity): its weights are "
                 "damaged or were saved in a dtype that overflowed; refusing to serve it"
             )
+
+
+def _can_speculate(request: Request) -> bool:
+    """Whether one pass can check guesses for this request (see service.engine.speculation)."""
+    params = request.sampling
+    return (
+        request.speculative
+        and not params.uses_penalties
+        and params.logprobs is None
+        and request.num_output_tokens >= request.stop.min_tokens
+    )
 
 
 def _slot(request: Request) -> int:

@@ -20,6 +20,9 @@ class EngineListener:
     def on_request_finished(self, request: Request) -> None:
         """A request ended; `finish_reason` says how."""
 
+    def on_speculation(self, num_draft_tokens: int, num_accepted_tokens: int) -> None:
+        """Speculative decoding's running totals: guesses checked and accepted."""
+
 
 class EngineStats(EngineListener):
     """Running totals, readable from any thread (plain ints: reads of them are atomic)."""

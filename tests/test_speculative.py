@@ -1,0 +1,187 @@
+"""Speculative decoding: greedy tokens exactly as plain decoding, sampling from the same
+distribution, stops and limits honoured, guesses counted."""
+
+from __future__ import annotations
+
+import random
+
+import httpx
+import pytest
+import torch
+from api_fixtures import live_server
+
+from conftest import make_model
+from model.generate import generate
+from model.sampling import SamplingState
+from model.sampling_params import SamplingParams
+from model.speculative import propose_ngram, verify
+from model.tokenizer import Tokenizer
+from service.engine.config import EngineConfig
+from service.engine.errors import InvalidRequestError
+from service.engine.llm_engine import LLMEngine
+from service.engine.params import StopParams
+from service.engine.request import FinishReason
+
+TOKENIZER = Tokenizer.default()
+REPEATING = TOKENIZER.encode("the cat sat on the mat. " * 4 + "the cat sat on the")
+
+
+def test_propose_what_followed_the_latest_match() -> None:
+    tokens = [5, 6, 7, 8, 1, 2, 5, 6, 7, 9, 3, 5, 6, 7]
+    assert propose_ngram(tokens, 2) == [9, 3]  # the latest earlier "5 6 7"
+    assert propose_ngram(tokens, 5) == [9, 3, 5, 6, 7]  # it may run into the tail itself
+    assert propose_ngram(tokens[:-1], 3) == [7, 9, 3]  # the longest tail that matches: "5 6"
+    assert propose_ngram([1, 2, 3], 3) == []  # nothing repeats
+    assert propose_ngram([4, 4, 4, 4], 3) == [4, 4, 4]  # a shorter match that is followed by 3
+    assert propose_ngram([4, 5, 4], 3) == [5, 4]  # as many as there are
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    keep = expected > 0
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+
+
+@pytest.mark.parametrize("with_draft", [False, True])
+def test_verification_keeps_the_target_distribution(with_draft: bool) -> None:
+    vocab = 6
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, vocab, generator=generator)  # two guesses, three positions
+    params = SamplingParams(temperature=0.9, seed=1)
+    draft_probs = torch.softmax(torch.randn(2, vocab, generator=generator), dim=-1)
+    counts = torch.zeros(vocab)
+    accepted = 0
+    draws = 6000
+    state = SamplingState.create(params, vocab)
+    rng = random.Random(0)
+    for _ in range(draws):
+        if with_draft:  # guesses drawn from the draft's own distribution
+            guesses = [
+                int(torch.multinomial(draft_probs[i], 1, generator=state.generator))
+                for i in range(2)
+            ]
+            result = verify(logits, guesses, state, draft_probs)
+        else:
+            guesses = [rng.randrange(vocab), rng.randrange(vocab)]
+            result = verify(logits, guesses, state)
+        counts[result.token_ids[0]] += 1
+        accepted += result.num_accepted
+    target = torch.softmax(logits[0] / 0.9, dim=-1)
+    # 20.5: the 0.999 quantile of chi-square with 5 degrees of freedom
+    assert chi_square(counts, target) < 20.5
+    wrong = torch.roll(target, 1)
+    assert chi_square(counts, wrong) > 20.5  # the check has teeth
+    assert accepted > 0
+
+
+def greedy_engine(method: str, model=None, draft=None, **config) -> LLMEngine:  # type: ignore[no-untyped-def]
+    return LLMEngine(
+        model or make_model(seed=3),
+        TOKENIZER,
+        EngineConfig(max_batch_size=6, speculative_method=method, **config),
+        draft_model=draft,
+    )
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_greedy_tokens_are_exactly_those_of_plain_decoding(method: str) -> None:
+    model = make_model(seed=3)
+    draft = make_model(seed=4) if method == "draft" else None  # a different (worse) drafter
+    engine = greedy_engine(method, model, draft, num_speculative_tokens=5)
+    rng = random.Random(1)
+    prompts = [REPEATING, REPEATING[:9], [rng.randrange(50257) for _ in range(30)], [464]]
+    requests = [
+        engine.add_request(p, SamplingParams(temperature=0.0), StopParams(37, ignore_eos=True))
+        for p in prompts
+    ]
+    steps = 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+    for prompt, request in zip(prompts, requests, strict=True):
+        assert request.output_token_ids == generate(model, prompt, 37)
+        assert request.finish_reason is FinishReason.LENGTH and request.num_output_tokens == 37
+    stats = engine.runner.speculator.stats  # type: ignore[union-attr]
+    assert stats.num_accepted_tokens > 0 and stats.num_draft_tokens >= stats.num_accepted_tokens
+    if method == "ngram":
+        assert steps < 37  # fewer steps than tokens: guesses were accepted
+
+
+def test_draft_model_equal_to_the_target_accepts_every_guess() -> None:
+    model = make_model(seed=3)
+    engine = greedy_engine("draft", model, make_model(seed=3), num_speculative_tokens=4)
+    request = engine.add_request(
+        [464, 3290], SamplingParams(temperature=0.0), StopParams(21, ignore_eos=True)
+    )
+    steps = 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+    assert request.output_token_ids == generate(model, [464, 3290], 21)
+    stats = engine.runner.speculator.stats  # type: ignore[union-attr]
+    assert stats.num_accepted_tokens == stats.num_draft_tokens
+    assert steps == 1 + 4  # the prompt's step, then 5 tokens a step
+
+
+def test_stop_string_and_eos_inside_accepted_guesses() -> None:
+    model = make_model(seed=3)
+    plain = greedy_engine("none", model)
+    reference = plain.add_request(
+        REPEATING, SamplingParams(temperature=0.0), StopParams(30, ignore_eos=True)
+    )
+    while plain.has_work():
+        plain.step()
+    text = reference.output_text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    fast = greedy_engine("ngram", model)
+    request = fast.add_request(
+        REPEATING, SamplingParams(temperature=0.0), StopParams(30, stop=[stop])
+    )
+    while fast.has_work():
+        fast.step()
+    assert request.output_text == text[: text.index(stop)]
+    assert request.finish_reason is FinishReason.STOP
+    # a length limit in the middle of a run of accepted guesses is exact too
+    limited = fast.add_request(
+        REPEATING, SamplingParams(temperature=0.0), StopParams(7, ignore_eos=True)
+    )
+    while fast.has_work():
+        fast.step()
+    assert limited.output_token_ids == reference.output_token_ids[:7]
+
+
+def test_requests_that_cannot_speculate_decode_plainly() -> None:
+    model = make_model(seed=3)
+    engine = greedy_engine("ngram", model)
+    penalised = SamplingParams(temperature=0.0, repetition_penalty=1.3)
+    with_logprobs = SamplingParams(temperature=0.0, logprobs=2)
+    a = engine.add_request(REPEATING, penalised, StopParams(12, ignore_eos=True))
+    b = engine.add_request(REPEATING, with_logprobs, StopParams(12, ignore_eos=True))
+    c = engine.add_request(
+        REPEATING, SamplingParams(temperature=0.0), StopParams(12), speculative=False
+    )
+    while engine.has_work():
+        engine.step()
+    assert engine.runner.speculator.stats.num_verify_rows == 0  # type: ignore[union-attr]
+    assert a.output_token_ids == generate(model, REPEATING, 12, penalised)
+    assert b.output_token_ids == c.output_token_ids == generate(model, REPEATING, 12)
+    with pytest.raises(InvalidRequestError, match="speculative"):
+        greedy_engine("none").add_request([1], SamplingParams(), StopParams(2), speculative=True)
+
+
+def test_speculation_through_the_api_and_its_metrics() -> None:
+    with (
+        live_server(speculative_method="ngram") as server,
+        httpx.Client(base_url=server.url, timeout=30) as client,
+    ):
+        body = {"prompt": REPEATING, "max_new_tokens": 24, "temperature": 0, "ignore_eos": True}
+        fast = client.post("/generate", json=body).json()
+        plain = client.post("/generate", json={**body, "speculative": False}).json()
+        assert fast["token_ids"] == plain["token_ids"]
+        metrics = client.get("/metrics").text
+        accepted = [
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("gptserve_spec_decode_num_accepted_tokens_total")
+        ]
+        assert accepted and accepted[0] > 0
