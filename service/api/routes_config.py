@@ -4,7 +4,7 @@ default and range, so a client can build a request form without hard-coding a li
 Types, defaults and the ranges the request schema checks itself come from `GenerateRequest`'s
 JSON schema; the ranges of the sampling settings, which `SamplingParams` checks, come from the
 constants in `model/sampling_params.py`. Defaults that the server's settings decide
-(`logprobs_mode`, `timeout`) are this server's.
+(`logprobs_mode`, `timeout`, `speculative`) are this server's.
 """
 
 from __future__ import annotations
@@ -128,7 +128,11 @@ def server_config(state: AppState) -> ServerConfig:
     engine = state.engine.engine
     model = engine.model
     settings = state.settings
-    defaults = {"logprobs_mode": settings.logprobs_mode, "timeout": settings.request_timeout}
+    defaults = {
+        "logprobs_mode": settings.logprobs_mode,
+        "timeout": settings.request_timeout,
+        "speculative": settings.speculative_method != "none",
+    }
     return ServerConfig(
         model=state.model_name,
         num_parameters=model.config.num_parameters,
