@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model.decode import DecodeStep
 from model.gpt2 import GPT
 from model.kv_cache import BatchLayout, KVCache
 from model.sampling import SamplerOutput, SamplingState, sample
@@ -68,6 +69,10 @@ class ModelRunner:
         self.cache = KVCache(model.config, cache_slots, max_model_len, self.device, self.dtype)
         self._states: dict[str, SamplingState] = {}
         self.speculator = speculator
+        self.is_batch_invariant = any(
+            getattr(module, "batch_invariant", False) for module in model.modules()
+        )
+        self.decode_step = DecodeStep(model)
         self.decode_graphs = (
             DecodeGraphs(model, self.cache, num_slots, num_slots, max_model_len)
             if fast_decode
@@ -135,19 +140,25 @@ class ModelRunner:
         slots = [_slot(r) for r in requests]
         order = sorted(range(len(requests)), key=slots.__getitem__)
         ordered = [requests[i] for i in order]  # by slot, so the rows' cache is often one view
-        layout = BatchLayout.build(
-            [slots[i] for i in order],
-            [r.num_computed_tokens for r in ordered],
-            [1] * len(ordered),
-            self.max_model_len,
-            self.device,
-        )
-        idx = torch.tensor(
-            [[r.token_at(r.num_computed_tokens)] for r in ordered],
-            dtype=torch.long,
-            device=self.device,
-        )  # (B, 1)
-        logits = self.model.forward_cached(idx, self.cache, layout)  # (B, vocab), in slot order
+        if self.is_batch_invariant:  # its attention runs per query: the general path
+            layout = BatchLayout.build(
+                [slots[i] for i in order],
+                [r.num_computed_tokens for r in ordered],
+                [1] * len(ordered),
+                self.max_model_len,
+                self.device,
+            )
+            idx = torch.tensor(
+                [[r.token_at(r.num_computed_tokens)] for r in ordered], device=self.device
+            )  # (B, 1)
+            logits = self.model.forward_cached(idx, self.cache, layout)  # (B, vocab)
+        else:
+            logits = self.decode_step(
+                self.cache,
+                [r.token_at(r.num_computed_tokens) for r in ordered],
+                [slots[i] for i in order],
+                [r.num_computed_tokens for r in ordered],
+            )  # (B, vocab), in slot order
         if order == sorted(order):
             return logits
         inverse = torch.empty(len(order), dtype=torch.long)
