@@ -30,6 +30,29 @@ TOP_P_TOLERANCE = 1e-6
 TOP_P_CANDIDATES = 1024
 
 
+# argmax over a long row runs as an amax over blocks of this many, then an argmax in one block:
+# torch's CPU argmax is not vectorised (17 ms for 256 x 50,257 floats; this way 2 ms).
+ARGMAX_BLOCK = 1024
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(dim=-1)` for [R, V] (ties: the lowest index), fast on long rows."""
+    rows, vocab = x.shape
+    if vocab < 4 * ARGMAX_BLOCK or x.device.type != "cpu":
+        return x.argmax(dim=-1)
+    full = vocab // ARGMAX_BLOCK * ARGMAX_BLOCK
+    block_max = x[:, :full].reshape(rows, -1, ARGMAX_BLOCK).amax(dim=-1)  # [R, V // block]
+    best_block = block_max.argmax(dim=-1)  # the first block that holds the row's maximum
+    best = block_max.gather(1, best_block[:, None]).squeeze(1)
+    starts = best_block * ARGMAX_BLOCK
+    columns = starts[:, None] + torch.arange(ARGMAX_BLOCK, device=x.device)[None, :]
+    result = starts + x.gather(1, columns).argmax(dim=-1)
+    if full < vocab:  # the tail past the last whole block wins only if strictly larger
+        tail_max, tail_index = x[:, full:].max(dim=-1)
+        result = torch.where(tail_max > best, full + tail_index, result)
+    return result
+
+
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """Create the generator a seeded request keeps for its whole life."""
     return torch.Generator(device=device).manual_seed(seed)
@@ -149,7 +172,7 @@ def sample(
         final = _final_logits(processed, params, is_owned=can_overwrite)
         token_ids = _draw(final, [state.generator for state in states])
     else:
-        token_ids = processed.argmax(dim=-1)  # ties go to the lowest id
+        token_ids = argmax_rows(processed)  # ties go to the lowest id
         if sample_rows:
             index = torch.tensor(sample_rows, device=logits.device)
             final = _final_logits(processed[index], [params[r] for r in sample_rows], True)
@@ -299,7 +322,7 @@ def _draw(final: torch.Tensor, generators: Sequence[torch.Generator | None]) -> 
     """Draw one token id per row of the final logits [S, V]; returns [S] int64."""
     probs = final.softmax(dim=-1)
     noise = _exponential_noise(probs.shape[0], probs.shape[1], generators, probs.device)
-    return probs.div_(noise).argmax(dim=-1)
+    return argmax_rows(probs.div_(noise))
 
 
 def truncate_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:

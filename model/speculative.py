@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.sampling import SamplingState, final_distribution_logits
+from model.sampling import SamplingState, argmax_rows, final_distribution_logits
 
 
 @dataclass
@@ -75,7 +75,7 @@ def verify(
     num_guesses = len(guesses)
     if params.is_greedy:
         processed = _biased(logits, state)
-        best = processed.argmax(dim=-1).tolist()  # (k + 1,)
+        best = argmax_rows(processed).tolist()  # (k + 1,)
         accepted = 0
         while accepted < num_guesses and best[accepted] == guesses[accepted]:
             accepted += 1

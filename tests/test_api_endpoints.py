@@ -254,3 +254,17 @@ def test_raise_openai_errors_for_unsupported_fields(server: LiveServer) -> None:
     assert "suffix" in str(bad.value)
     with pytest.raises(openai.NotFoundError):
         api.completions.create(model="another-model", prompt="Hi")
+
+
+def test_streamed_chunks_have_the_documented_shape(client: httpx.Client) -> None:
+    from service.api.openai_schemas import CompletionResponse
+
+    body = {"model": MODEL_NAME, "prompt": "Shape", "max_tokens": 3, "stream": True, **GREEDY}
+    body |= {"logprobs": 1, "echo": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        lines = [line[6:] for line in response.iter_lines() if line.startswith("data: {")]
+    assert len(lines) == 4  # three tokens (the first with the echoed prompt), then usage
+    for line in lines:
+        payload = json.loads(line)
+        parsed = CompletionResponse.model_validate(payload)
+        assert parsed.model_dump(mode="json") == payload  # every field, in the model's shape

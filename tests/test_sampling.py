@@ -539,3 +539,19 @@ def test_give_each_row_of_mixed_batch_its_own_result() -> None:
                 torch.testing.assert_close(
                     out.top_logprobs[position, :wanted], single.top_logprobs[0]
                 )
+
+
+def test_fast_argmax_equals_torch_argmax_with_ties() -> None:
+    from model.sampling import argmax_rows
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 50257, generator=generator)
+    x[1, 50250] = 100.0  # in the tail past the last whole block
+    x[2, 3] = x[2, 7] = 100.0  # a tie: the lowest index
+    x[3, 2047] = x[3, 2048] = 50.0  # a tie across two blocks
+    x[4, 50200] = x[4, 50256] = 80.0  # a tie between the last block and the tail
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+    coarse = torch.randint(0, 3, (30, 9000), generator=generator).float()  # many ties
+    assert torch.equal(argmax_rows(coarse), coarse.argmax(dim=-1))
+    short = torch.randn(5, 100, generator=generator)
+    assert torch.equal(argmax_rows(short), short.argmax(dim=-1))

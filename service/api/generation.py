@@ -106,7 +106,21 @@ def submit(
 
 async def outputs(group: RequestGroup) -> AsyncIterator[tuple[int, RequestOutput]]:
     """The group's outputs; an abort the server made (shutdown, a stalled reader) is an error."""
-    async for index, output in group:
+    async for item in idle_outputs(group, None):
+        if item is not None:
+            yield item
+
+
+async def idle_outputs(
+    group: RequestGroup, idle_after: float | None
+) -> AsyncIterator[tuple[int, RequestOutput] | None]:
+    """`outputs`, with None after every `idle_after` seconds without one (keep-alives)."""
+    source = group.with_idle(idle_after) if idle_after is not None else group
+    async for item in source:
+        if item is None:
+            yield None
+            continue
+        index, output = item
         if output.finish_reason is FinishReason.ABORT:
             # The client's own disconnect cancels this reader first, so this abort came from
             # the server: the drain timeout ran out during shutdown.

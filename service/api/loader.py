@@ -19,6 +19,7 @@ from model.tokenizer import GPT2_ASSETS_DIR, Tokenizer
 from service.api.settings import Settings
 from service.engine.async_engine import AsyncEngine
 from service.engine.config import EngineConfig
+from service.engine.cpu_memory import keep_freed_memory
 from service.engine.cpu_threads import release_openmp_threads
 from service.engine.llm_engine import LLMEngine
 
@@ -90,6 +91,8 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
     """Load the model and tokenizer and build the engine (not started); returns it and the name."""
     spec = resolve_model_spec(settings.model)
     device = resolve_device(settings.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     dtype = resolve_dtype(settings.dtype, device)
     logger.info("loading %s on %s as %s", spec, device, str(dtype).removeprefix("torch."))
     loaded = load_model(spec, device, dtype)

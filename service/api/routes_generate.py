@@ -9,11 +9,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from service.api.dependencies import AppState, StateDep
-from service.api.generation import collect_until_disconnect, encode_prompt, outputs, submit
+from service.api.generation import collect_until_disconnect, encode_prompt, idle_outputs, submit
 from service.api.logprobs import prompt_logprobs, token_logprobs
 from service.api.middleware import record_usage
 from service.api.schemas import GenerateRequest, GenerateResponse, Usage
-from service.api.sse import DONE, EventStreamResponse, error_event, format_event
+from service.api.sse import DONE, KEEPALIVE, EventStreamResponse, error_event, format_event
 from service.engine.async_engine import RequestGroup, RequestSpec
 
 router = APIRouter(tags=["generation"])
@@ -90,7 +90,11 @@ async def _token_events(
     tokenizer = state.tokenizer
     generated_text = ""
     try:
-        async for _, output in outputs(group):
+        async for item in idle_outputs(group, state.settings.keepalive_interval):
+            if item is None:
+                yield KEEPALIVE
+                continue
+            output = item[1]
             if output.prompt_logprobs is not None:
                 entries = prompt_logprobs(tokenizer, output.prompt_logprobs)
                 yield format_event({"prompt_logprobs": [e.model_dump() for e in entries]})
@@ -137,4 +141,4 @@ async def stream(body: GenerateRequest, request: Request, state: StateDep) -> Ev
     """
     group = await _submit(state, body, request)
     events = _token_events(state, group, request, with_logprobs=body.logprobs is not None)
-    return EventStreamResponse(events, state.settings.keepalive_interval, group=group)
+    return EventStreamResponse(events, group=group)

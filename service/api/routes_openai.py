@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Request
 
@@ -21,7 +22,7 @@ from service.api.generation import (
     Completion,
     collect_until_disconnect,
     encode_prompt,
-    outputs,
+    idle_outputs,
     submit,
 )
 from service.api.logprobs import LegacyLogprobs, vllm_prompt_logprobs
@@ -35,7 +36,7 @@ from service.api.openai_schemas import (
     ModelList,
 )
 from service.api.schemas import Usage
-from service.api.sse import DONE, EventStreamResponse, error_event, format_event
+from service.api.sse import DONE, KEEPALIVE, EventStreamResponse, error_event, format_event
 from service.engine.async_engine import RequestGroup, RequestSpec
 from service.engine.request import FinishReason, PromptLogprob, RequestOutput
 
@@ -148,7 +149,7 @@ async def completions(
     submitted = await _submit(state, body, request)
     if body.stream:
         events = _completion_chunks(state, body, submitted, request)
-        return EventStreamResponse(events, state.settings.keepalive_interval, submitted.group)
+        return EventStreamResponse(events, submitted.group)
     results = await collect_until_disconnect(request.receive, submitted.group)
     choices = []
     for index, result in enumerate(results):
@@ -193,33 +194,37 @@ async def _completion_chunks(
     shapers = [_ChoiceShaper(state, body, text) for text in submitted.echo_texts]
     finals = [Completion() for _ in range(num_choices)]
 
-    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-        response = CompletionResponse(
-            id=submitted.response_id,
-            created=created,
-            model=state.model_name,
-            choices=choices,
-            usage=usage,
+    # Chunks are built as plain dicts in CompletionResponse's field order: this runs once per
+    # token of every stream, where pydantic's model building costs more than the rest.
+    head = {"id": submitted.response_id, "object": "text_completion", "created": created}
+    head["model"] = state.model_name
+
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+        return format_event(
+            {**head, "choices": choices, "usage": usage, "system_fingerprint": None}
         )
-        return format_event(response.model_dump(mode="json"))
 
     try:
-        async for index, output in outputs(submitted.group):
+        async for item in idle_outputs(submitted.group, state.settings.keepalive_interval):
+            if item is None:
+                yield KEEPALIVE
+                continue
+            index, output = item
             finals[index].add(output)
             text, logprobs = shapers[index].piece(output.text, output)
             finish_reason = _finish_reason(output.finish_reason) if output.finished else None
-            choice = CompletionChoice(
-                index=index,
-                text=text,
-                logprobs=logprobs,
-                finish_reason=finish_reason,  # type: ignore[arg-type]
-                prompt_logprobs=shapers[index].prompt_logprobs(output),
-            )
+            choice = {
+                "index": index,
+                "text": text,
+                "logprobs": logprobs.model_dump() if logprobs is not None else None,
+                "finish_reason": finish_reason,
+                "prompt_logprobs": shapers[index].prompt_logprobs(output),
+            }
             yield chunk([choice])
         usage = _usage(finals, body.n)
         record_usage(request.state, usage.prompt_tokens, usage.completion_tokens)
         if body.include_usage:
-            yield chunk([], usage)
+            yield chunk([], usage.model_dump())
     except Exception as exc:  # the stream has started: the error becomes an event
         yield error_event(exc, getattr(request.state, "request_id", None))
     yield DONE

@@ -1,4 +1,8 @@
-"""Server-Sent Events: formatting, keep-alive comments, a response that stops on disconnect."""
+"""Server-Sent Events: formatting, keep-alive comments, a response that stops on disconnect.
+
+The event generators send `KEEPALIVE` themselves whenever their request group has been silent
+for the keep-alive interval (`RequestGroup.with_idle`), so no task is created per event.
+"""
 
 from __future__ import annotations
 
@@ -38,37 +42,6 @@ def format_event(payload: Any) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def _next(iterator: AsyncIterator[str]) -> str:
-    return await iterator.__anext__()
-
-
-async def with_keepalive(source: AsyncIterator[str], interval: float) -> AsyncIterator[str]:
-    """Pass `source` through, sending a comment whenever it is silent for `interval` seconds."""
-    pending: asyncio.Task[str] | None = None
-    try:
-        while True:
-            if pending is None:
-                # The next item is awaited in its own task, so a timeout does not cancel it.
-                pending = asyncio.ensure_future(_next(source))
-            done, _ = await asyncio.wait({pending}, timeout=interval)
-            if not done:
-                yield KEEPALIVE
-                continue
-            finished, pending = pending, None
-            try:
-                chunk = finished.result()
-            except StopAsyncIteration:
-                return
-            yield chunk
-    finally:
-        if pending is not None:
-            pending.cancel()
-            await asyncio.gather(pending, return_exceptions=True)
-        aclose = getattr(source, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
 class EventStreamResponse(StreamingResponse):
     """A `text/event-stream` response with keep-alives; a disconnect cancels the event source.
 
@@ -78,13 +51,8 @@ class EventStreamResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(
-        self,
-        events: AsyncIterator[str],
-        keepalive_interval: float,
-        group: RequestGroup | None = None,
-    ) -> None:
-        super().__init__(with_keepalive(events, keepalive_interval), headers=SSE_HEADERS)
+    def __init__(self, events: AsyncIterator[str], group: RequestGroup | None = None) -> None:
+        super().__init__(events, headers=SSE_HEADERS)
         self.group = group  # closed however the response ends, even if it never started
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

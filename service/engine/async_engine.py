@@ -76,7 +76,7 @@ class RequestGroup:
         self.requests = requests
         self._index = {request.request_id: i for i, request in enumerate(requests)}
         self._buffer: collections.deque[tuple[int, RequestOutput]] = collections.deque()
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[bool] | None = None  # True: outputs came; False: idle
         self._num_open = len(requests)
         self._finished: set[str] = set()
         self._max_buffered = max_buffered
@@ -98,7 +98,7 @@ class RequestGroup:
         self._buffer.append((index, output))
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            waiter.set_result(True)
         if not self.is_paused and len(self._buffer) > self._max_buffered * self._num_open_live:
             self._pause()
 
@@ -136,15 +136,30 @@ class RequestGroup:
         return [r.request_id for r in self.requests if r.request_id not in self._finished]
 
     def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        return self._iterate()
+        return self._iterate(None)  # type: ignore[return-value]
 
-    async def _iterate(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+    def with_idle(self, idle_after: float) -> AsyncIterator[tuple[int, RequestOutput] | None]:
+        """The outputs, and None whenever none came for `idle_after` seconds (a stream's
+        keep-alive), without a task per item."""
+        return self._iterate(idle_after)
+
+    async def _iterate(
+        self, idle_after: float | None
+    ) -> AsyncIterator[tuple[int, RequestOutput] | None]:
+        loop = asyncio.get_running_loop()
         try:
             while self._num_open:
                 if not self._buffer:
-                    self._waiter = asyncio.get_running_loop().create_future()
-                    await self._waiter
+                    waiter = self._waiter = loop.create_future()
+                    timer = None
+                    if idle_after is not None:
+                        timer = loop.call_later(idle_after, _resolve, waiter, False)
+                    got_output = await waiter
                     self._waiter = None
+                    if timer is not None:
+                        timer.cancel()
+                    if not got_output:
+                        yield None
                     continue
                 index, output = self._buffer.popleft()
                 if self.is_paused and len(self._buffer) <= self._max_buffered // 2:
@@ -430,6 +445,11 @@ class AsyncEngine:
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop closed in between
                 loop.call_soon_threadsafe(callback, *args)
+
+
+def _resolve(waiter: asyncio.Future[bool], value: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(value)
 
 
 def _add(engine: LLMEngine, request: Request) -> Event | None:
