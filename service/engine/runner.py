@@ -90,8 +90,9 @@ class ModelRunner:
         result = StepResult(num_forward_tokens=work.num_prefill_tokens + len(work.decodes))
         for copy in work.copies:
             self.cache.copy_prefix(copy.source, copy.target, copy.num_tokens)
-        sampled_rows: list[Request] = []
-        logits_parts: list[torch.Tensor] = []
+        # Each part is sampled on its own: putting the decode rows' logits (B x vocab) together
+        # with the prompt rows' would copy them.
+        parts: list[tuple[list[Request], torch.Tensor]] = []
         if work.prefills:
             hidden = self._run_prefill(work.prefills)  # (B, T, C)
             self._prompt_logprobs(work.prefills, hidden, result)
@@ -99,17 +100,15 @@ class ModelRunner:
             if keep:
                 rows = torch.tensor(keep, device=self.device)
                 last = torch.tensor([work.prefills[i].length - 1 for i in keep], device=self.device)
-                logits_parts.append(self.model.logits(hidden[rows, last]))  # (K, vocab)
-                sampled_rows.extend(work.prefills[i].request for i in keep)
+                logits = self.model.logits(hidden[rows, last])  # (K, vocab)
+                parts.append(([work.prefills[i].request for i in keep], logits))
         decodes = work.decodes
         if decodes and self.speculator is not None:
             decodes = self._speculate(decodes, result)
         if decodes:
-            logits_parts.append(self._run_decode(decodes))
-            sampled_rows.extend(decodes)
-        if sampled_rows:
-            logits = torch.cat(logits_parts) if len(logits_parts) > 1 else logits_parts[0]
-            result.sampled = self._sample(sampled_rows, logits)
+            parts.append(self._run_decode(decodes))
+        for requests, logits in parts:
+            result.sampled.update(self._sample(requests, logits))
         return result
 
     def _run_prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
@@ -129,20 +128,21 @@ class ModelRunner:
         idx = torch.tensor(rows, dtype=torch.long, device=self.device)  # (B, T)
         return self.model.hidden_cached(idx, self.cache, layout)  # (B, T, C)
 
-    def _run_decode(self, requests: list[Request]) -> torch.Tensor:
+    def _run_decode(self, requests: list[Request]) -> tuple[list[Request], torch.Tensor]:
+        """The decode rows, in the order their logits (B, vocab) come in."""
         # Each decode row feeds the last sampled token, which is not in the cache yet.
         if self.decode_graphs is not None and self.decode_graphs.is_active:
-            return self.decode_graphs(
+            return requests, self.decode_graphs(
                 [r.token_at(r.num_computed_tokens) for r in requests],
                 [_slot(r) for r in requests],
                 [r.num_computed_tokens for r in requests],
             )
-        slots = [_slot(r) for r in requests]
-        order = sorted(range(len(requests)), key=slots.__getitem__)
-        ordered = [requests[i] for i in order]  # by slot, so the rows' cache is often one view
+        # By slot, so the rows' cache is often one view (and the logits stay in that order).
+        ordered = sorted(requests, key=_slot)
+        slots = [_slot(r) for r in ordered]
         if self.is_batch_invariant:  # its attention runs per query: the general path
             layout = BatchLayout.build(
-                [slots[i] for i in order],
+                slots,
                 [r.num_computed_tokens for r in ordered],
                 [1] * len(ordered),
                 self.max_model_len,
@@ -156,14 +156,10 @@ class ModelRunner:
             logits = self.decode_step(
                 self.cache,
                 [r.token_at(r.num_computed_tokens) for r in ordered],
-                [slots[i] for i in order],
+                slots,
                 [r.num_computed_tokens for r in ordered],
-            )  # (B, vocab), in slot order
-        if order == sorted(order):
-            return logits
-        inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor(order)] = torch.arange(len(order))
-        return logits[inverse.to(self.device)]
+            )  # (B, vocab)
+        return ordered, logits
 
     def _speculate(self, decodes: list[Request], result: StepResult) -> list[Request]:
         """Verify guesses for the decode rows that can take them, in one forward pass; returns
