@@ -12,6 +12,7 @@ from model.batch_invariant import (
     make_batch_invariant,
 )
 from model.gpt2 import GPT
+from model.kernel_choice import choose_int8_engine, choose_packed_min_rows
 from model.loading import load_model
 from model.packed_linear import PACKABLE_DTYPES, pack_linears, packing_available
 from model.quantize import apply_quantization
@@ -108,6 +109,9 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
             raise ServeConfigError(
                 f"--quantization {settings.quantization} needs --device cpu and float32"
             )
+        int8_engine = choose_int8_engine()
+        if int8_engine is not None:
+            torch.backends.quantized.engine = int8_engine
         model = apply_quantization(model, settings.quantization)
     elif settings.batch_invariant:
         if device.type != "cpu" or dtype != torch.float32:
@@ -118,10 +122,13 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
         except BatchInvarianceError as exc:
             raise ServeConfigError(f"--batch-invariant: {exc}") from exc
     elif settings.pack_weights and device.type == "cpu" and dtype in PACKABLE_DTYPES:
-        if packing_available():
-            pack_linears(model)
-        else:
+        min_rows = settings.packed_min_rows
+        if min_rows is None:  # measured: where oneDNN starts to win depends on the CPU
+            min_rows = choose_packed_min_rows(model, settings.max_batch_size).packed_min_rows
+        if not packing_available():
             logger.warning("this torch build has no oneDNN linear ops; weights stay unpacked")
+        elif min_rows is not None:
+            pack_linears(model, min_rows)
     if loaded.tokenizer_dir is not None:
         tokenizer = Tokenizer.for_model_dir(loaded.tokenizer_dir)
     else:

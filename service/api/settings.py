@@ -55,6 +55,12 @@ class Settings(BaseSettings):
         "for steps of 4+ rows; about 1.7x the tokens/s at 4-16 concurrent, for a second copy of "
         "the weights in memory",
     )
+    packed_min_rows: int | None = Field(
+        default=None,
+        ge=1,
+        description="with packed weights: the row count from which the oneDNN-packed copy is "
+        "used instead of MKL (default: measured on this machine at start-up)",
+    )
     fast_decode: bool = Field(
         default=False,
         description="CUDA only: capture the decode step as CUDA graphs at bucketed batch sizes "

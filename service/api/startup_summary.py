@@ -12,6 +12,7 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
 from model.batch_invariant import InvariantLinear
+from model.kernel_choice import KernelChoice
 from model.packed_linear import PackedLinear
 
 MIB = 1024 * 1024
@@ -32,6 +33,7 @@ class StartupSummary:
     dtype: str
     quantization: str  # none | int8
     packed_weights: bool
+    linear_kernels: str  # which matrix kernel runs at which row count
     batch_invariant: bool
     num_threads: int  # torch's CPU threads
     context_window: int  # tokens
@@ -52,7 +54,8 @@ class StartupSummary:
             f"listening on {self.url} ({pages}); "
             f"model {self.model} ({source}, {format_count(self.num_parameters)} parameters); "
             f"{self.device} {self.dtype}, quantization {self.quantization}, "
-            f"packed weights {'on' if self.packed_weights else 'off'}, "
+            f"packed weights {'on' if self.packed_weights else 'off'} "
+            f"({self.linear_kernels}), "
             f"batch-invariant {'on' if self.batch_invariant else 'off'}, "
             f"{self.num_threads} threads; "
             f"context {self.context_window} tokens, {self.batch_slots} batch slots, "
@@ -90,6 +93,23 @@ def quantization_of(model: nn.Module) -> str:
     return "int8" if is_int8 else "none"
 
 
+def linear_kernels_of(model: nn.Module) -> str:
+    """Which kernel the linear layers run on, as the start-up line says it."""
+    if quantization_of(model) == "int8":
+        return f"int8 {torch.backends.quantized.engine}"
+    if any(isinstance(module, InvariantLinear) for module in model.modules()):
+        return "oneDNN packed at every row count, batch-invariant"
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    if packed:
+        return KernelChoice(packed[0].min_rows).describe()
+    return "MKL" if model_device_type(model) == "cpu" else "cuBLAS"
+
+
+def model_device_type(model: nn.Module) -> str:
+    """The type of the device the first parameter lives on."""
+    return next(model.parameters()).device.type
+
+
 def http_url(host: str, port: int) -> str:
     """http://host:port, with IPv6 addresses in brackets."""
     shown = f"[{host}]" if ":" in host else host
@@ -121,6 +141,7 @@ def startup_summary(app: FastAPI, host: str, port: int) -> StartupSummary:
         dtype=str(model.dtype).removeprefix("torch."),
         quantization=quantization_of(model),
         packed_weights=any(isinstance(module, PackedLinear) for module in model.modules()),
+        linear_kernels=linear_kernels_of(model),
         batch_invariant=any(isinstance(module, InvariantLinear) for module in model.modules()),
         num_threads=torch.get_num_threads(),
         context_window=engine.max_model_len,

@@ -1,0 +1,163 @@
+"""Pick the fastest matrix kernels for this machine at start-up, by measuring them.
+
+Which kernel wins depends on the CPU, not only on the shapes: MKL's matrix-vector path is the
+fastest for one row everywhere measured, but where oneDNN's packed kernel starts to beat MKL
+moved from 4 rows (an Intel Xeon) to 2 (an AMD EPYC, where MKL's skinny matrix products are
+slow). So instead of a fixed threshold, `choose_packed_min_rows` times the model's own linear
+layers (its distinct weights, as a decode step reads them) with both kernels at a few row
+counts, and returns the row count from which the packed kernel wins. `choose_int8_engine` does
+the same for the int8 kernels torch has (x86, fbgemm, oneDNN). Both only choose among kernels
+that compute the same function (float32 to float32, int8 to int8); a kernel missing from the
+torch build is simply not a candidate, and with none the plain path stays.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.packed_linear import PACK_BATCH_HINT, packing_available
+
+logger = logging.getLogger(__name__)
+
+PROBE_ROW_COUNTS = (1, 2, 3, 4, 6, 8, 16, 32)
+REPEATS = 3
+
+
+@dataclass
+class KernelChoice:
+    """A choice and the timings it came from (milliseconds per pass over the layers)."""
+
+    packed_min_rows: int | None  # None: MKL for every row count
+    timings: dict[int, tuple[float, float]] = field(default_factory=dict)  # rows: (MKL, packed)
+    reason: str = ""
+
+    def describe(self) -> str:
+        """One phrase for the start-up line."""
+        if self.packed_min_rows is None:
+            return f"MKL for every row count ({self.reason})" if self.reason else "MKL"
+        if self.packed_min_rows <= 1:
+            return "oneDNN packed for every row count"
+        return f"MKL below {self.packed_min_rows} rows, oneDNN packed from {self.packed_min_rows}"
+
+
+def _best_time(run: Callable[[], object]) -> float:
+    run()  # the first call builds the kernel
+    best = float("inf")
+    for _ in range(REPEATS):
+        started = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - started)
+    return best * 1000
+
+
+def _linears(model: nn.Module) -> list[nn.Linear]:
+    """The model's linear layers, each weight once (a tied head counts once)."""
+    seen: set[int] = set()
+    layers = []
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            layers.append(module)
+    return layers
+
+
+@torch.inference_mode()
+def choose_packed_min_rows(
+    model: nn.Module, max_rows: int, row_counts: tuple[int, ...] = PROBE_ROW_COUNTS
+) -> KernelChoice:
+    """Time the model's float32 linears with MKL and with oneDNN's packed kernel; the packed
+    kernel is used from the smallest probed row count from which it wins at every larger one."""
+    if not packing_available():
+        return KernelChoice(None, reason="this torch build has no oneDNN linear ops")
+    layers = _linears(model)
+    if not layers or any(
+        layer.weight.dtype != torch.float32 or layer.weight.device.type != "cpu" for layer in layers
+    ):
+        return KernelChoice(None, reason="packed weights are for CPU float32 models")
+    packed = [
+        (torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), PACK_BATCH_HINT), layer)
+        for layer in layers
+    ]
+    timings: dict[int, tuple[float, float]] = {}
+    for rows in (r for r in row_counts if r <= max(1, max_rows)):
+        inputs = {layer.in_features: torch.randn(rows, layer.in_features) for layer in layers}
+
+        def mkl(inputs: dict[int, torch.Tensor] = inputs) -> None:
+            for layer in layers:
+                F.linear(inputs[layer.in_features], layer.weight, layer.bias)
+
+        def onednn(inputs: dict[int, torch.Tensor] = inputs) -> None:
+            for weight, layer in packed:
+                x = inputs[layer.in_features]
+                torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, "none", [], "")
+
+        timings[rows] = (_best_time(mkl), _best_time(onednn))
+    wins = [rows for rows, (mkl_ms, packed_ms) in timings.items() if packed_ms < mkl_ms]
+    min_rows = None
+    for rows in sorted(timings, reverse=True):  # the smallest count from which packed keeps winning
+        if rows not in wins:
+            break
+        min_rows = rows
+    choice = KernelChoice(min_rows, timings)
+    logger.info(
+        "linear kernels: %s (ms MKL/packed by rows: %s)",
+        choice.describe(),
+        ", ".join(f"{r}: {m:.1f}/{p:.1f}" for r, (m, p) in timings.items()),
+    )
+    return choice
+
+
+@torch.inference_mode()
+def choose_int8_engine(features: tuple[int, int] = (768, 3072)) -> str | None:
+    """The fastest of torch's int8 engines for a decode-shaped dynamic int8 linear, timed at 1 and
+    32 rows; None when torch has none to choose from (the current one stays)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    supported = [
+        e for e in ("x86", "fbgemm", "onednn") if e in torch.backends.quantized.supported_engines
+    ]
+    if len(supported) < 2:
+        return None
+    original = torch.backends.quantized.engine
+    base = nn.Sequential(nn.Linear(*features), nn.Linear(features[1], features[0])).eval()
+    results: dict[str, float] = {}
+    one, many = torch.randn(1, features[0]), torch.randn(32, features[0])
+    try:
+        for engine in supported:
+            torch.backends.quantized.engine = engine
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    quantized = quantize_dynamic(
+                        copy.deepcopy(base), {nn.Linear: per_channel_dynamic_qconfig}, torch.qint8
+                    )
+                if any(isinstance(m, DynamicInt8Linear) for m in quantized.modules()):
+
+                    def probe(layers: nn.Module = quantized) -> None:
+                        layers(one)
+                        layers(many)
+
+                    results[engine] = _best_time(probe)
+            except RuntimeError:  # an engine this CPU cannot run is not a candidate
+                continue
+    finally:
+        torch.backends.quantized.engine = original
+    if not results:
+        return None
+    best = min(results, key=results.__getitem__)
+    logger.info(
+        "int8 kernels: %s (ms per probe: %s)",
+        best,
+        ", ".join(f"{e} {t:.2f}" for e, t in results.items()),
+    )
+    return best
