@@ -27,6 +27,30 @@ MIN_SEED = -(2**63)
 MAX_SEED = 2**64 - 1
 
 
+@dataclass(frozen=True)
+class Range:
+    """Where a number may lie; `None` is unbounded on that side."""
+
+    minimum: int | float | None
+    maximum: int | float | None
+    exclusive_minimum: bool = False
+
+
+# Every range SamplingParams checks, in one table (clients read it through GET /v1/config).
+SAMPLING_RANGES: dict[str, Range] = {
+    "temperature": Range(0.0, MAX_TEMPERATURE),
+    "top_k": Range(-1, None),
+    "top_p": Range(0.0, 1.0, exclusive_minimum=True),
+    "min_p": Range(0.0, 1.0),
+    "repetition_penalty": Range(0.0, None, exclusive_minimum=True),
+    "presence_penalty": Range(-MAX_ABS_PENALTY, MAX_ABS_PENALTY),
+    "frequency_penalty": Range(-MAX_ABS_PENALTY, MAX_ABS_PENALTY),
+    "logit_bias": Range(-MAX_ABS_LOGIT_BIAS, MAX_ABS_LOGIT_BIAS),
+    "seed": Range(MIN_SEED, MAX_SEED),
+    "logprobs": Range(0, MAX_LOGPROBS),
+}
+
+
 class SamplingParamsError(ValueError):
     """A sampling parameter has the wrong type or lies outside its valid range."""
 

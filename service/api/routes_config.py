@@ -3,53 +3,23 @@ default and range, so a client can build a request form without hard-coding a li
 
 Types, defaults and the ranges the request schema checks itself come from `GenerateRequest`'s
 JSON schema; the ranges of the sampling settings, which `SamplingParams` checks, come from the
-constants in `model/sampling_params.py`. Defaults that the server's settings decide
+table in `model/sampling_params.py`, beside the checks it describes. Defaults that the server's settings decide
 (`logprobs_mode`, `timeout`, `speculative`) are this server's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from model.sampling_params import (
-    MAX_ABS_LOGIT_BIAS,
-    MAX_ABS_PENALTY,
-    MAX_SEED,
-    MAX_TEMPERATURE,
-    MIN_SEED,
-)
+from model.sampling_params import SAMPLING_RANGES
 from service.api.dependencies import AppState, StateDep
 from service.api.schemas import GenerateRequest
 from service.api.startup_summary import quantization_of
 
 router = APIRouter(prefix="/v1", tags=["configuration"])
-
-
-@dataclass(frozen=True)
-class Range:
-    """Where a number may lie; `None` is unbounded on that side."""
-
-    minimum: int | float | None
-    maximum: int | float | None
-    exclusive_minimum: bool = False
-
-
-# The ranges SamplingParams checks (see its docstring); the request schema leaves them to it.
-SAMPLING_RANGES: dict[str, Range] = {
-    "temperature": Range(0.0, MAX_TEMPERATURE),
-    "top_k": Range(-1, None),
-    "top_p": Range(0.0, 1.0, exclusive_minimum=True),
-    "min_p": Range(0.0, 1.0),
-    "repetition_penalty": Range(0.0, None, exclusive_minimum=True),
-    "presence_penalty": Range(-MAX_ABS_PENALTY, MAX_ABS_PENALTY),
-    "frequency_penalty": Range(-MAX_ABS_PENALTY, MAX_ABS_PENALTY),
-    "logit_bias": Range(-MAX_ABS_LOGIT_BIAS, MAX_ABS_LOGIT_BIAS),
-    "seed": Range(MIN_SEED, MAX_SEED),
-}
 
 
 class FieldSpec(BaseModel):

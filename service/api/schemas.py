@@ -14,12 +14,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from model.sampling_params import LOGPROBS_MODES, SamplingParams
+from model.sampling_params import LOGPROBS_MODES, MAX_LOGPROBS, SamplingParams
 from service.engine.errors import InvalidRequestError
 from service.engine.params import StopParams
 
 DEFAULT_MAX_NEW_TOKENS = 64
-MAX_LOGPROBS = 20
 LogprobsMode = Literal["raw_logprobs", "processed_logprobs", "raw_and_processed_logprobs"]
 assert set(LogprobsMode.__args__) == set(LOGPROBS_MODES)  # type: ignore[attr-defined]
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from model.gpt2 import GPT
 from model.sampling import SamplingParams
-from model.sampling_params import SamplingParamsError
+from model.sampling_params import MAX_LOGPROBS, SamplingParamsError
 from model.tokenizer import Tokenizer
 from model.validation import is_int
 from service.engine.config import EngineConfig
@@ -37,7 +37,6 @@ logger = logging.getLogger(__name__)
 
 Sink = Callable[[RequestOutput], None]
 Event = tuple[Request, RequestOutput]
-MAX_PROMPT_LOGPROBS = 20
 
 
 def _discard(_: RequestOutput) -> None:
@@ -127,9 +126,9 @@ class LLMEngine:
                     f"stop_token_ids must be < {self.vocab_size}, got {token_id}",
                     "stop_token_ids",
                 )
-        if prompt_logprobs is not None and not 0 <= prompt_logprobs <= MAX_PROMPT_LOGPROBS:
+        if prompt_logprobs is not None and not 0 <= prompt_logprobs <= MAX_LOGPROBS:
             raise InvalidRequestError(
-                f"prompt_logprobs must be in [0, {MAX_PROMPT_LOGPROBS}], got {prompt_logprobs}",
+                f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {prompt_logprobs}",
                 "prompt_logprobs",
             )
         has_speculation = self.config.speculative_method != "none"
