@@ -12,6 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from service.api import (
     routes_config,
+    routes_docs,
     routes_generate,
     routes_health,
     routes_openai,
@@ -87,7 +88,12 @@ def create_app(
             await served.shutdown()
 
     app = FastAPI(
-        title="gptserve", description=DESCRIPTION, version=package_version(), lifespan=lifespan
+        title="gptserve",
+        description=DESCRIPTION,
+        version=package_version(),
+        lifespan=lifespan,
+        docs_url=None,  # served by routes_docs, with Swagger UI from the package
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -96,6 +102,7 @@ def create_app(
     protected = [Depends(require_api_key)]
     app.include_router(routes_health.router)
     app.include_router(routes_playground.router)  # the page; it asks for a key when needed
+    app.include_router(routes_docs.router)
     for module in (routes_config, routes_generate, routes_openai, routes_tokenize):
         app.include_router(module.router, dependencies=protected, responses=error_responses(401))
     install_openapi_errors(app)
