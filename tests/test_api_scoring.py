@@ -202,6 +202,11 @@ def test_raw_and_processed_logprobs(client: httpx.Client, fields: dict) -> None:
             assert entry["processed_logprob"] is None  # cut off by a filter
         else:
             assert entry["processed_logprob"] == pytest.approx(want, abs=1e-4)
+    # the processed distribution's own top tokens, cut-off ones left out
+    finite = expected_processed[expected_processed > -math.inf]
+    want_top = finite.sort(descending=True).values[:8].tolist()
+    got_top = [e["logprob"] for e in token["processed_top_logprobs"]]
+    assert got_top == pytest.approx(want_top, abs=1e-4)
     assert raw["logprobs"][0]["logprob"] == pytest.approx(token["logprob"], abs=1e-6)
     assert "processed_logprob" not in raw["logprobs"][0]["top_logprobs"][0]
     mode_processed = processed["logprobs"][0]

@@ -44,6 +44,8 @@ def token_logprobs(tokenizer: Tokenizer, tokens: Sequence[TokenOutput]) -> list[
         )
         if token.processed_logprob is not None:
             entry.processed_logprob = finite_or_none(token.processed_logprob)
+        if token.processed_top_logprobs is not None:
+            entry.processed_top_logprobs = _top_entries(tokenizer, token.processed_top_logprobs)
         entries.append(entry)
     return entries
 

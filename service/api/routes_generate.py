@@ -107,6 +107,11 @@ async def _token_events(
                     fields["logprob"] = entry.logprob
                     if token.processed_logprob is not None:
                         fields["processed_logprob"] = entry.processed_logprob
+                    if entry.processed_top_logprobs is not None:
+                        fields["processed_top_logprobs"] = [
+                            top.model_dump(exclude_unset=True)
+                            for top in entry.processed_top_logprobs
+                        ]
                     fields["top_logprobs"] = [
                         top.model_dump(exclude_unset=True) for top in entry.top_logprobs or ()
                     ]

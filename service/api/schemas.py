@@ -264,6 +264,11 @@ class TokenLogprob(BaseModel):
     token: str
     logprob: float | None
     processed_logprob: float | None = None
+    processed_top_logprobs: list[TopLogprob] | None = Field(
+        default=None,
+        description="with raw_and_processed_logprobs: the most likely tokens of the distribution "
+        "sampled from (which penalties and bias can reorder), cut-off tokens left out",
+    )
     rank: int | None = Field(default=None, description="prompt tokens: 1 for the most likely token")
     top_logprobs: list[TopLogprob] | None = None
 

@@ -79,6 +79,7 @@ class OutputProcessor:
             sampled.logprob,
             sampled.top_logprobs,
             sampled.processed_logprob,
+            sampled.processed_top_logprobs,
         )
         return RequestOutput(
             request_id=request.request_id,

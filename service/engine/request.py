@@ -59,6 +59,7 @@ class TokenOutput:
     logprob: float | None = None  # under the request's logprobs_mode (raw unless processed)
     top_logprobs: TopLogprobs | None = None
     processed_logprob: float | None = None  # only with raw_and_processed_logprobs
+    processed_top_logprobs: TopLogprobs | None = None  # idem: the processed distribution's top
 
 
 @dataclass

@@ -31,6 +31,8 @@ class SampledToken:
     logprob: float | None = None
     top_logprobs: TopLogprobs | None = None
     processed_logprob: float | None = None  # with raw_and_processed_logprobs
+    # with raw_and_processed_logprobs: the processed distribution's own most likely tokens
+    processed_top_logprobs: TopLogprobs | None = None
 
 
 @dataclass
@@ -355,6 +357,9 @@ def _with_logprobs(
                 token.processed_logprob = processed[row]
                 if token.top_logprobs is not None and processed_at_raw is not None:
                     token.top_logprobs.processed_logprobs = processed_at_raw[row][:wanted]
+                if wanted and processed_top_ids is not None and processed_top is not None:
+                    ids, values = processed_top_ids[row][:wanted], processed_top[row][:wanted]
+                    token.processed_top_logprobs = TopLogprobs(ids, values)
         elif params.wants_processed_logprobs and processed is not None:
             token.logprob = processed[row]
             if wanted and processed_top_ids is not None and processed_top is not None:
