@@ -21,6 +21,8 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PEERS = Path(os.environ.get("GPTSERVE_PEERS", Path.home() / ".cache" / "gptserve-peers"))
 PORT = int(os.environ.get("GPTSERVE_BENCH_PORT", "8190"))
+# llama.cpp's build folder under PEERS (build_llama.sh can make one without AMX, see its header)
+LLAMA_BUILD = PEERS / os.environ.get("GPTSERVE_LLAMA_BUILD", "llama-build")
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class Server:
             return (PEERS / model).is_dir()
         if self.kind == "vllm":
             return (PEERS / "vllm-venv" / "bin" / "python").is_file() and (PEERS / model).is_dir()
-        return (PEERS / "llama-build" / "bin" / "llama-server").is_file() and self.gguf(
+        return (LLAMA_BUILD / "bin" / "llama-server").is_file() and self.gguf(
             model
         ).is_file()
 
@@ -102,7 +104,7 @@ def _command(server: Server, model: str, slots: int, max_model_len: int) -> tupl
         ]  # fmt: skip
         return command, env
     command = [
-        str(PEERS / "llama-build" / "bin" / "llama-server"),
+        str(LLAMA_BUILD / "bin" / "llama-server"),
         "-m", str(server.gguf(model)), "-t", str(cpus),
         "-c", str(slots * max_model_len), "-np", str(slots), "-cb",
         "--host", "127.0.0.1", "--port", str(PORT), "-a", model, "--no-webui",
