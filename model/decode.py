@@ -109,3 +109,35 @@ class DecodeStep:
             hidden = F.layer_norm(x, (width,), *layer.ln_2)
             x = x + layer.down(F.gelu(layer.up(hidden), approximate="tanh"))
         return self.head(F.layer_norm(x, (width,), *self.ln_f))  # (B, vocab)
+
+    def several(
+        self, cache: KVCache, token_ids: list[int], slot: int, position: int
+    ) -> torch.Tensor:
+        """Logits (T, vocab) after feeding T tokens of one slot at positions position, ...:
+        speculative decoding's check of its guesses, as lean as a decode step."""
+        count = len(token_ids)
+        device = self.wte.device
+        config = self.model.config
+        width, num_heads, head_dim = config.n_embd, config.n_head, config.head_dim
+        end = position + count
+        where = torch.arange(position, end, device=device)
+        x = self.wte[torch.tensor(token_ids, device=device)] + self.wpe[where]  # (T, C)
+        keys_at = torch.arange(end, device=device)
+        mask = keys_at[None, :] <= where[:, None]  # (T, L): causal within the new tokens
+        for index, layer in enumerate(self.layers):
+            hidden = F.layer_norm(x, (width,), *layer.ln_1)
+            qkv = layer.qkv(hidden).view(count, 3, num_heads, head_dim)
+            query, key, value = qkv.unbind(1)  # each (T, nh, hs)
+            k_cache, v_cache = cache.k[index], cache.v[index]  # (S, nh, M, hs)
+            k_cache[slot, :, position:end] = key.transpose(0, 1)
+            v_cache[slot, :, position:end] = value.transpose(0, 1)
+            attended = F.scaled_dot_product_attention(
+                query.transpose(0, 1)[None],
+                k_cache[slot, :, :end][None],
+                v_cache[slot, :, :end][None],
+                attn_mask=mask,
+            )  # (1, nh, T, hs)
+            x = x + layer.out(attended[0].transpose(0, 1).reshape(count, width))
+            hidden = F.layer_norm(x, (width,), *layer.ln_2)
+            x = x + layer.down(F.gelu(layer.up(hidden), approximate="tanh"))
+        return self.head(F.layer_norm(x, (width,), *self.ln_f))  # (T, vocab)

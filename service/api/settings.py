@@ -92,7 +92,11 @@ class Settings(BaseSettings):
         "requests may opt out with speculative: false",
     )
     num_speculative_tokens: int = Field(
-        default=4, ge=1, le=16, description="guesses checked per step with speculative decoding"
+        default=3,
+        ge=1,
+        le=16,
+        description="guesses checked per step with speculative decoding (each costs a little "
+        "even when rejected: more pays off only when most are accepted)",
     )
     draft_model: str | None = Field(
         default=None,

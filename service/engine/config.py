@@ -20,7 +20,7 @@ class EngineConfig:
     max_slots_per_request: int | None = None  # slots one API request's choices may hold at once
     reuse_prefixes: bool = True  # start prompts from a prefix cached in a slot, when one is
     speculative_method: str = "none"  # none, ngram (prompt lookup) or draft (a draft model)
-    num_speculative_tokens: int = 4  # guesses checked per step
+    num_speculative_tokens: int = 3  # guesses checked per step
     ngram_max: int = 4  # prompt lookup matches the last ngram_max .. ngram_min tokens
     ngram_min: int = 1
 

@@ -174,18 +174,29 @@ class ModelRunner:
         if not proposals:
             return decodes
         rows = [[p.request.token_at(p.request.num_computed_tokens), *p.guesses] for p in proposals]
-        width = max(len(row) for row in rows)
-        layout = BatchLayout.build(
-            [_slot(p.request) for p in proposals],
-            [p.request.num_computed_tokens for p in proposals],
-            [len(row) for row in rows],
-            self.max_model_len,
-            self.device,
-        )
-        idx = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=self.device)
-        hidden = self.model.hidden_cached(idx, self.cache, layout)  # (R, 1 + k, C)
+        if len(proposals) == 1 and not self.is_batch_invariant:  # one stream: the lean path
+            request = proposals[0].request
+            all_logits = [
+                self.decode_step.several(
+                    self.cache, rows[0], _slot(request), request.num_computed_tokens
+                )
+            ]
+        else:
+            width = max(len(row) for row in rows)
+            layout = BatchLayout.build(
+                [_slot(p.request) for p in proposals],
+                [p.request.num_computed_tokens for p in proposals],
+                [len(row) for row in rows],
+                self.max_model_len,
+                self.device,
+            )
+            idx = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=self.device)
+            hidden = self.model.hidden_cached(idx, self.cache, layout)  # (R, 1 + k, C)
+            all_logits = [
+                self.model.logits(hidden[row, : len(rows[row])]) for row in range(len(rows))
+            ]
         for row, proposal in enumerate(proposals):
-            logits = self.model.logits(hidden[row, : len(rows[row])]).float()  # (1 + k, V)
+            logits = all_logits[row].float()  # (1 + k, V)
             if self.vocab_size < logits.shape[-1]:
                 logits[:, self.vocab_size :] = float("-inf")
             state = self._state(proposal.request)
