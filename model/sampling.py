@@ -16,7 +16,7 @@ drawn from ("processed"), or both.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -148,12 +148,16 @@ class SamplerOutput:
 
 
 def sample(
-    logits: torch.Tensor, states: Sequence[SamplingState], is_owned: bool = False
+    logits: torch.Tensor,
+    states: Sequence[SamplingState],
+    is_owned: bool = False,
+    bans: Mapping[int, Sequence[int]] | None = None,
 ) -> SamplerOutput:
     """Pick the next token for each row of `logits` [B, V] under that row's own settings.
 
     With `is_owned`, the caller gives `logits` away (float32): it may be changed in place, which
-    saves a copy of the whole batch when some row has a bias or penalties.
+    saves a copy of the whole batch when some row has a bias or penalties. `bans` maps rows to
+    token ids they may not pick this step (min_tokens); raw log-probabilities ignore them.
     """
     if logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError(f"logits must be a floating [batch, vocab] tensor, got {logits.shape}")
@@ -165,6 +169,11 @@ def sample(
     raw_rows = [row for row, p in enumerate(params) if p.wants_raw_logprobs]
     raw_logprobs = torch.log_softmax(_select(raw, raw_rows), dim=-1) if raw_rows else None
     processed = process_logits(raw, states, in_place=is_owned or raw is not logits)
+    if bans:
+        if processed is logits and not is_owned:
+            processed = processed.clone()
+        for row, banned in bans.items():
+            processed[row, list(banned)] = float("-inf")
     sample_rows = [row for row, row_params in enumerate(params) if not row_params.is_greedy]
     final: torch.Tensor | None = None  # [S, V] the sampled rows' logits after every stage
     can_overwrite = processed is not logits or is_owned

@@ -94,6 +94,8 @@ def verify(
             residual[guess] = 0.0
         else:
             residual = (probs[i] - draft_probs[i]).clamp_min_(0.0)
+        if float(residual.sum()) <= 0.0:  # p and q equal up to rounding: p itself, then
+            residual = probs[i]
         token = _draw_one(residual, generator)
         return Verified([*guesses[:i], token], i)
     return Verified([*guesses, _draw_one(probs[num_guesses], generator)], num_guesses)
@@ -109,7 +111,4 @@ def _biased(logits: torch.Tensor, state: SamplingState) -> torch.Tensor:
 
 def _draw_one(weights: torch.Tensor, generator: torch.Generator | None) -> int:
     """One index drawn with probability proportional to `weights` (V,)."""
-    total = float(weights.sum())
-    if total <= 0.0:  # numerically nothing left: the most likely is the only sensible draw
-        return int(weights.argmax())
-    return int(torch.multinomial(weights / total, 1, generator=generator))
+    return int(torch.multinomial(weights / float(weights.sum()), 1, generator=generator))

@@ -226,3 +226,13 @@ def test_processed_mode_in_openai_api(client: httpx.Client) -> None:
         probabilities = [math.exp(v) for v in top.values()]
         assert sum(probabilities) == pytest.approx(1.0, abs=1e-4)  # top-2, renormalised
         assert len(top) == 2
+
+
+def test_each_field_gets_the_alternatives_it_asked_for(client: httpx.Client) -> None:
+    body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 0, "echo": True}
+    body |= {"logprobs": 1, "prompt_logprobs": 4}
+    (choice,) = client.post("/v1/completions", json=body).json()["choices"]
+    for top in choice["logprobs"]["top_logprobs"][1:]:
+        assert 1 <= len(top) <= 2  # one alternative, and the token itself when it is not it
+    for listing in choice["prompt_logprobs"][1:]:
+        assert 4 <= len(listing) <= 5

@@ -555,3 +555,14 @@ def test_fast_argmax_equals_torch_argmax_with_ties() -> None:
     assert torch.equal(argmax_rows(coarse), coarse.argmax(dim=-1))
     short = torch.randn(5, 100, generator=generator)
     assert torch.equal(argmax_rows(short), short.argmax(dim=-1))
+
+
+def test_bans_leave_raw_logprobs_alone() -> None:
+    logits = torch.tensor([[5.0, 1.0, 0.0, -1.0]])
+    params = SamplingParams(temperature=0.0, logprobs=2)
+    out = sampling.sample(logits, new_states([params], 4), bans={0: [0]})
+    assert out.token_ids.item() == 1  # token 0 may not be picked this step
+    raw = torch.log_softmax(logits, dim=-1)[0]
+    assert out.logprobs is not None and out.top_logprobs is not None
+    assert out.logprobs.item() == pytest.approx(raw[1].item())  # the model's own softmax
+    assert out.top_logprobs[0].tolist() == pytest.approx(raw.topk(2).values.tolist())

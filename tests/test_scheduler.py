@@ -321,3 +321,18 @@ def test_expired_prefix_is_never_reused() -> None:
     scheduler.add(again)
     run_step(scheduler)
     assert again.num_cached_tokens == 0
+
+
+def test_paused_requests_never_take_each_others_slot() -> None:
+    scheduler = Scheduler(num_slots=1, max_prefill_tokens=100)
+    first, second = make_request("a", prompt=[1, 2]), make_request("b", prompt=[3, 4])
+    scheduler.add(first)
+    run_step(scheduler)
+    scheduler.add(second)
+    first.is_paused = second.is_paused = True  # both readers stopped reading
+    out = run_step(scheduler)  # returns: a paused waiting request is not admitted
+    assert out.admitted == [] and out.preempted == [] and first.slot == 0
+    second.is_paused = False  # its reader caught up: it may take the paused one's slot, once
+    out = run_step(scheduler)
+    assert ids(out.admitted) == ["b"] and ids(out.preempted) == ["a"]
+    assert first.status is RequestStatus.WAITING

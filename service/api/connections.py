@@ -3,7 +3,8 @@
 A client that opens a connection and sends half a request line would otherwise hold it (and a
 file descriptor) forever: uvicorn times out idle keep-alive connections, but not a request whose
 headers never finish. Here every request must deliver its request line and headers within
-`header_timeout` seconds of the connection opening (or of the previous response ending); if not,
+`header_timeout` seconds of the connection opening, or of its first byte for each later request
+on a kept-alive connection; if not,
 the server answers 408 and closes. Connections beyond `max_connections` are answered 503 with
 the usual JSON error body and closed at once.
 """
@@ -69,8 +70,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        # The next request on this keep-alive connection has the same time for its headers
-        # (uvicorn's keep-alive timeout closes the connection if it never starts).
+        # The next request's clock starts with its first byte (on_message_begin); uvicorn's
+        # keep-alive timeout closes a connection on which no further request starts.
         self._cancel_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:

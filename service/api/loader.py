@@ -92,13 +92,14 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
     """Load the model and tokenizer and build the engine (not started); returns it and the name."""
     spec = resolve_model_spec(settings.model)
     device = resolve_device(settings.device)
-    if device.type == "cpu":
-        keep_freed_memory()
     dtype = resolve_dtype(settings.dtype, device)
     logger.info("loading %s on %s as %s", spec, device, str(dtype).removeprefix("torch."))
     loaded = load_model(spec, device, dtype)
     model = loaded.model
     check_finite_weights(model, spec)
+    if device.type == "cpu":
+        # after loading, so the checkpoint's transient copies are given back to the system first
+        keep_freed_memory()
     if settings.quantization != "none":
         if settings.batch_invariant:
             raise ServeConfigError(

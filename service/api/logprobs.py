@@ -105,15 +105,20 @@ class LegacyLogprobs:
         return offset + len(text)
 
     def add_prompt(
-        self, tokenizer: Tokenizer, entries: Sequence[PromptLogprob], offset: int = 0
+        self,
+        tokenizer: Tokenizer,
+        entries: Sequence[PromptLogprob],
+        offset: int = 0,
+        num_top: int | None = None,
     ) -> int:
-        """Append the prompt's entries; returns the offset after the prompt."""
+        """Append the prompt's entries (with at most `num_top` alternatives each); returns the
+        offset after the prompt."""
         for position, entry in enumerate(entries):
             offset = self.add(
                 tokenizer,
                 entry.token_id,
                 entry.logprob,
-                entry.top_logprobs,
+                _at_most(entry.top_logprobs, num_top),
                 offset,
                 is_first_prompt_token=position == 0,
             )
@@ -129,18 +134,26 @@ class LegacyLogprobs:
         return offset
 
 
+def _at_most(top: TopLogprobs | None, num_top: int | None) -> TopLogprobs | None:
+    """`top` cut to `num_top` alternatives (computed for the larger of two fields' asks)."""
+    if top is None or num_top is None or len(top.token_ids) <= num_top:
+        return top
+    return TopLogprobs(top.token_ids[:num_top], top.logprobs[:num_top])
+
+
 def vllm_prompt_logprobs(
-    tokenizer: Tokenizer, entries: Sequence[PromptLogprob]
+    tokenizer: Tokenizer, entries: Sequence[PromptLogprob], num_top: int | None = None
 ) -> list[dict[str, dict[str, object]] | None]:
     """vLLM's `prompt_logprobs`: per prompt token, None for the first, else a map from token id
-    to `{logprob, rank, decoded_token}` holding the token itself and its top alternatives."""
+    to `{logprob, rank, decoded_token}` holding the token itself and its top alternatives (at
+    most `num_top`)."""
     result: list[dict[str, dict[str, object]] | None] = []
     for position, entry in enumerate(entries):
         if position == 0:
             result.append(None)
             continue
         listing: dict[str, dict[str, object]] = {}
-        top = entry.top_logprobs
+        top = _at_most(entry.top_logprobs, num_top)
         if top is not None:
             for rank, (token_id, logprob) in enumerate(
                 zip(top.token_ids, top.logprobs, strict=True), 1

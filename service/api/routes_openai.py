@@ -121,7 +121,7 @@ class _ChoiceShaper:
             text = self.echo_text + text
             entries: list[PromptLogprob] | None = output.prompt_logprobs
             if legacy is not None and entries is not None:
-                self.offset = legacy.add_prompt(tokenizer, entries, self.offset)
+                self.offset = legacy.add_prompt(tokenizer, entries, self.offset, self.body.logprobs)
             else:
                 self.offset = len(self.echo_text)
         if legacy is None:
@@ -133,7 +133,9 @@ class _ChoiceShaper:
         """vLLM's prompt_logprobs, when the request asked for them by that name."""
         if self.body.prompt_logprobs is None or output.prompt_logprobs is None:
             return None
-        return vllm_prompt_logprobs(self.state.tokenizer, output.prompt_logprobs)
+        return vllm_prompt_logprobs(
+            self.state.tokenizer, output.prompt_logprobs, self.body.prompt_logprobs
+        )
 
 
 @router.post("/completions", response_model=None)

@@ -156,6 +156,7 @@ class SamplingFields(StrictModel):
     timeout: float | None = Field(
         default=None,
         gt=0,
+        le=86_400,
         description="seconds the request may wait and run in all; then it ends with "
         "finish_reason 'timeout'; default: the server's --request-timeout",
     )

@@ -123,6 +123,7 @@ class Settings(BaseSettings):
     request_timeout: float | None = Field(
         default=None,
         gt=0,
+        le=86_400,
         description="seconds a request may wait and run in all before it ends with finish "
         "reason timeout; a request's own 'timeout' field overrides it (default: none)",
     )

@@ -109,6 +109,11 @@ class RequestGroup:
     def _pause(self) -> None:
         self.is_paused = True
         self.engine.set_paused(self._live_ids(), True)
+        self._restart_stall_timer()
+
+    def _restart_stall_timer(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
         loop = asyncio.get_running_loop()
         self._stall_timer = loop.call_later(self._stall_timeout, self._on_stalled)
 
@@ -162,8 +167,11 @@ class RequestGroup:
                         yield None
                     continue
                 index, output = self._buffer.popleft()
-                if self.is_paused and len(self._buffer) <= self._max_buffered // 2:
-                    self._resume()
+                if self.is_paused:
+                    if len(self._buffer) <= self._max_buffered * self._num_open_live // 2:
+                        self._resume()
+                    else:  # reading, if slowly: the stall is measured from the last read
+                        self._restart_stall_timer()
                 if output.error is not None:
                     raise output.error
                 if output.finished:
@@ -362,6 +370,12 @@ class AsyncEngine:
             except Exception:  # a broken reader must not stop the others' outputs
                 logger.exception("delivering an output of %s failed", request_id)
 
+    def _fail_live(self, error: EngineDeadError) -> None:
+        """End every request the event loop still counts as live with `error`."""
+        for request in list(self._live.values()):
+            request.finish_reason = FinishReason.ERROR
+            self._dispatch([(request, request.final_output(error))])
+
     async def drain(self, timeout: float) -> bool:
         """Stop admitting and wait up to `timeout` s for live requests; True if all finished."""
         self.is_draining = True
@@ -425,7 +439,14 @@ class AsyncEngine:
             logger.exception("engine loop died")
             self.error = exc
             dead = EngineDeadError(f"the engine loop died: {exc!r}")
-            self._call_in_loop(self._dispatch, engine.fail_all(dead))
+            try:
+                events = engine.fail_all(dead)
+            except BaseException:  # the engine's state is beyond use: the loop ends them all
+                logger.exception("failing the live requests failed")
+                events = []
+            self._call_in_loop(self._dispatch, events)
+            # Requests whose add command never ran are known only to the event loop.
+            self._call_in_loop(self._fail_live, dead)
 
     def _apply_commands(self) -> list[Event]:
         events: list[Event] = []

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 Sink = Callable[[RequestOutput], None]
 Event = tuple[Request, RequestOutput]
+MAX_TIMEOUT_SECONDS = 86_400  # a day: a deadline further away is no deadline
 
 
 def _discard(_: RequestOutput) -> None:
@@ -90,7 +91,8 @@ class LLMEngine:
         self.output_processor = OutputProcessor(tokenizer, tokenizer.eos_token_id)
         self.stats = EngineStats()
         self.listeners: list[EngineListener] = [self.stats, *listeners]
-        self._deadlines: list[tuple[float, int, Request]] = []  # a min-heap
+        # (deadline, arrival, request id): ids, so a finished request is not kept alive by it
+        self._deadlines: list[tuple[float, int, str]] = []  # a min-heap
         self.last_step_num_rows = 0  # rows the last step ran (0: nothing was runnable)
 
     # ------------------------------------------------------------------ building requests
@@ -138,8 +140,10 @@ class LLMEngine:
                 "--speculative-method ngram or draft)",
                 "speculative",
             )
-        if timeout is not None and not timeout > 0:
-            raise InvalidRequestError(f"timeout must be > 0 seconds, got {timeout}", "timeout")
+        if timeout is not None and not 0 < timeout <= MAX_TIMEOUT_SECONDS:
+            raise InvalidRequestError(
+                f"timeout must be in (0, {MAX_TIMEOUT_SECONDS}] seconds, got {timeout}", "timeout"
+            )
         max_new = stop.max_new_tokens
         if max_new is None:
             max_new = self.max_model_len - len(prompt)
@@ -191,7 +195,13 @@ class LLMEngine:
         self.output_processor.prepare(request)
         self.scheduler.add(request)
         if request.deadline is not None:
-            heapq.heappush(self._deadlines, (request.deadline, request.arrival_index, request))
+            heapq.heappush(
+                self._deadlines, (request.deadline, request.arrival_index, request.request_id)
+            )
+            if len(self._deadlines) > 2 * max(
+                64, self.scheduler.num_running + len(self.scheduler.waiting)
+            ):
+                self._drop_finished_deadlines()
 
     def add_request(
         self,
@@ -251,6 +261,8 @@ class LLMEngine:
         """Run one forward step for everyone scheduled; returns the events it produced."""
         events = self._expire(time.monotonic())
         work = self.scheduler.schedule()
+        for request in work.preempted:  # its slot's contents are another request's now
+            self.runner.preempted(request.request_id)
         self._admitted(work)
         self.last_step_num_rows = work.num_rows
         if work.is_empty:
@@ -266,19 +278,23 @@ class LLMEngine:
         """End the requests whose deadline has passed."""
         events = []
         while self._deadlines and self._deadlines[0][0] <= now:
-            _, _, request = heapq.heappop(self._deadlines)
-            if not request.is_finished:
-                event = self.abort(request.request_id, FinishReason.TIMEOUT)
-                if event is not None:
-                    events.append(event)
+            _, _, request_id = heapq.heappop(self._deadlines)
+            event = self.abort(request_id, FinishReason.TIMEOUT)  # None: it ended already
+            if event is not None:
+                events.append(event)
         return events
+
+    def _drop_finished_deadlines(self) -> None:
+        self._deadlines = [entry for entry in self._deadlines if self.scheduler.get(entry[2])]
+        heapq.heapify(self._deadlines)
 
     def _admitted(self, work: SchedulerOutput) -> None:
         for request in work.admitted:
             if request.prompt_logprobs is not None and not request.prompt_logprob_entries:
                 first = request.prompt_token_ids[0]
                 request.prompt_logprob_entries = [PromptLogprob(first, None)]
-            if request.num_output_tokens == 0 and request.first_token_time is None:
+            if not request.was_scheduled:  # once: not again after a preemption
+                request.was_scheduled = True
                 self._notify("on_request_scheduled", request)
 
     def _process(self, work: SchedulerOutput, result: StepResult) -> list[Event]:

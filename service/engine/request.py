@@ -120,6 +120,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     slot: int | None = None
     is_paused: bool = False  # its reader is behind: it keeps its slot but takes no steps
+    was_scheduled: bool = False  # has held a slot (it may have lost it since, to preemption)
     num_computed_tokens: int = 0  # tokens whose keys/values are in the cache
     num_cached_tokens: int = 0  # of the prompt, reused from a cache slot instead of computed
     output_token_ids: list[int] = field(default_factory=list)
@@ -134,6 +135,13 @@ class Request:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finish_time: float | None = None
+
+    @property
+    def held_slot(self) -> int:
+        """The cache slot of a scheduled request (an error if it holds none)."""
+        if self.slot is None:
+            raise RuntimeError(f"request {self.request_id} is scheduled without a cache slot")
+        return self.slot
 
     @property
     def num_prompt_tokens(self) -> int:

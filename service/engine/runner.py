@@ -121,7 +121,7 @@ class ModelRunner:
             for chunk in chunks
         ]
         layout = BatchLayout.build(
-            [_slot(chunk.request) for chunk in chunks],
+            [chunk.request.held_slot for chunk in chunks],
             [chunk.start for chunk in chunks],
             [chunk.length for chunk in chunks],
             self.max_model_len,
@@ -136,12 +136,12 @@ class ModelRunner:
         if self.decode_graphs is not None and self.decode_graphs.is_active:
             return requests, self.decode_graphs(
                 [r.token_at(r.num_computed_tokens) for r in requests],
-                [_slot(r) for r in requests],
+                [r.held_slot for r in requests],
                 [r.num_computed_tokens for r in requests],
             )
         # By slot, so the rows' cache is often one view (and the logits stay in that order).
-        ordered = sorted(requests, key=_slot)
-        slots = [_slot(r) for r in ordered]
+        ordered = sorted(requests, key=lambda r: r.held_slot)
+        slots = [r.held_slot for r in ordered]
         if self.is_batch_invariant:  # its attention runs per query: the general path
             layout = BatchLayout.build(
                 slots,
@@ -178,13 +178,13 @@ class ModelRunner:
             request = proposals[0].request
             all_logits = [
                 self.decode_step.several(
-                    self.cache, rows[0], _slot(request), request.num_computed_tokens
+                    self.cache, rows[0], request.held_slot, request.num_computed_tokens
                 )
             ]
         else:
             width = max(len(row) for row in rows)
             layout = BatchLayout.build(
-                [_slot(p.request) for p in proposals],
+                [p.request.held_slot for p in proposals],
                 [p.request.num_computed_tokens for p in proposals],
                 [len(row) for row in rows],
                 self.max_model_len,
@@ -196,9 +196,7 @@ class ModelRunner:
                 self.model.logits(hidden[row, : len(rows[row])]) for row in range(len(rows))
             ]
         for row, proposal in enumerate(proposals):
-            logits = all_logits[row].float()  # (1 + k, V)
-            if self.vocab_size < logits.shape[-1]:
-                logits[:, self.vocab_size :] = float("-inf")
+            logits = all_logits[row].float()[:, : self.vocab_size]  # (1 + k, V): no padding
             state = self._state(proposal.request)
             verified = verify(logits, proposal.guesses, state, proposal.draft_probs)
             self.speculator.accepted(proposal, verified.num_accepted)
@@ -277,6 +275,7 @@ class ModelRunner:
         logits = logits.float()
         if self.vocab_size < logits.shape[-1]:
             logits[:, self.vocab_size :] = float("-inf")
+        bans: dict[int, list[int]] = {}
         for row, request in enumerate(requests):
             # Before min_tokens, end-of-text and stop tokens cannot be chosen at all.
             if request.num_output_tokens < request.stop.min_tokens:
@@ -284,9 +283,10 @@ class ModelRunner:
                 if self.eos_token_id is not None and not request.stop.ignore_eos:
                     banned.append(self.eos_token_id)
                 if banned:
-                    logits[row, banned] = float("-inf")
+                    bans[row] = banned
         states = [self._state(r) for r in requests]
-        out = sample(logits, states, is_owned=True)  # this step's logits: nobody reads them after
+        # this step's logits: nobody reads them after, so sampling may change them in place
+        out = sample(logits, states, is_owned=True, bans=bans)
         token_ids = out.token_ids.tolist()
         for state, token_id in zip(states, token_ids, strict=True):
             if state.output_counts is not None:
@@ -305,6 +305,12 @@ class ModelRunner:
                 state.record(token_id)
             self._states[request.request_id] = state
         return state
+
+    def preempted(self, request_id: str) -> None:
+        """A request lost its slot: what was cached for it there is gone (its sampling state,
+        generator included, stays)."""
+        if self.speculator is not None:
+            self.speculator.release(request_id)
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's per-request state (its generator and tensors)."""
@@ -326,20 +332,17 @@ class ModelRunner:
 
 
 def _can_speculate(request: Request) -> bool:
-    """Whether one pass can check guesses for this request (see service.engine.speculation)."""
+    """Whether one pass can check guesses for this request (see service.engine.speculation):
+    seeded sampling does not, so a seed gives the same tokens with or without speculation."""
     params = request.sampling
     return (
         request.speculative
+        # a seeded sample must be the same tokens whether it speculates or not
+        and (params.seed is None or params.is_greedy)
         and not params.uses_penalties
         and params.logprobs is None
         and request.num_output_tokens >= request.stop.min_tokens
     )
-
-
-def _slot(request: Request) -> int:
-    if request.slot is None:
-        raise RuntimeError(f"request {request.request_id} is scheduled without a cache slot")
-    return request.slot
 
 
 def _with_logprobs(

@@ -173,6 +173,7 @@ class Scheduler:
                     break
                 self._preempt(victim)
                 out.preempted.append(victim)
+                deferred.add(victim.request_id)  # not back in the step that took its slot
                 refunded = chunks.pop(victim.request_id, None)
                 if refunded is not None:
                     budget += refunded.length
@@ -193,12 +194,15 @@ class Scheduler:
         return (request.priority, self._slots_by_client[request.client_id], request.arrival_index)
 
     def _next_waiting(self, deferred: set[str]) -> Request | None:
-        """The waiting request that goes next, skipping groups at their slot cap."""
+        """The waiting request that goes next, skipping paused ones (their reader is behind:
+        nothing to gain from a slot) and groups at their slot cap."""
         best: Request | None = None
         best_key: tuple[int, int, int] | None = None
         cap = self.max_slots_per_group
         for request in self.waiting:
-            if request.request_id in deferred or self._slots_by_group[request.group_id] >= cap:
+            if request.is_paused or request.request_id in deferred:
+                continue
+            if self._slots_by_group[request.group_id] >= cap:
                 continue
             key = self._waiting_key(request)
             if best_key is None or key < best_key:

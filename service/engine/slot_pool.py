@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from service.engine.request import PromptLogprob, Request
+from service.engine.request import PromptLogprob, Request, TopLogprobs
 
 
 @dataclass
@@ -175,7 +175,8 @@ class SlotPool:
         self.contents[slot] = SlotContent()
         request.slot = slot
         request.num_computed_tokens = num_reused
-        request.num_cached_tokens = max(request.num_cached_tokens, num_reused)
+        if not request.was_scheduled:  # the prompt's reuse, counted at its first placement
+            request.num_cached_tokens = min(num_reused, request.num_prompt_tokens)
         if request.prompt_logprobs is not None:
             request.prompt_logprob_entries = reused_entries
         self._touch(slot)
@@ -211,10 +212,5 @@ def _truncated(entry: PromptLogprob, num_top: int) -> PromptLogprob:
     top = entry.top_logprobs
     if top is None or len(top.token_ids) <= num_top:
         return entry
-    from service.engine.request import TopLogprobs
-
-    return PromptLogprob(
-        entry.token_id,
-        entry.logprob,
-        TopLogprobs(top.token_ids[:num_top], top.logprobs[:num_top]),
-    )
+    shorter = TopLogprobs(top.token_ids[:num_top], top.logprobs[:num_top])
+    return PromptLogprob(entry.token_id, entry.logprob, shorter, entry.rank)

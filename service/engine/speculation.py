@@ -7,7 +7,9 @@ target model agrees with (see there for the rule that keeps sampling exact).
 
 A request speculates when the server has a method and the request did not opt out, and when its
 next tokens do not depend on each other in ways one pass cannot see: no repetition, presence or
-frequency penalty, no log-probabilities asked, past `min_tokens`, and at least two tokens left.
+frequency penalty, no log-probabilities asked, past `min_tokens`, and at least two tokens left;
+and, when it samples, without a seed (a seed promises the tokens of plain decoding, and
+speculation draws its random numbers differently).
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ class Speculator:
         ]
         width = max(len(row) for row in rows)
         layout = BatchLayout.build(
-            [_slot(r) for r, _, _ in chosen],
+            [r.held_slot for r, _, _ in chosen],
             starts,
             [len(row) for row in rows],
             cache.max_seq_len,
@@ -148,7 +150,7 @@ class Speculator:
             if not feed:
                 break
             layout = BatchLayout.build(
-                [_slot(chosen[i][0]) for i in feed],
+                [chosen[i][0].held_slot for i in feed],
                 [positions[i] for i in feed],
                 [1] * len(feed),
                 cache.max_seq_len,
@@ -161,7 +163,7 @@ class Speculator:
                 positions[i] += 1
         proposals = []
         for i, (request, _, _) in enumerate(chosen):
-            self._draft_computed[request.request_id] = (_slot(request), request.num_tokens)
+            self._draft_computed[request.request_id] = (request.held_slot, request.num_tokens)
             proposals.append(Proposal(request, guesses[i], torch.stack(probs[i])))
         return proposals
 
@@ -174,14 +176,8 @@ class Speculator:
         if self._draft_cache is not None:
             # The draft fed the last token and every guess but the last one.
             valid = request.num_tokens + min(num_accepted, len(proposal.guesses) - 1)
-            self._draft_computed[request.request_id] = (_slot(request), valid)
+            self._draft_computed[request.request_id] = (request.held_slot, valid)
 
     def release(self, request_id: str) -> None:
         """Forget a finished request."""
         self._draft_computed.pop(request_id, None)
-
-
-def _slot(request: Request) -> int:
-    if request.slot is None:
-        raise RuntimeError(f"request {request.request_id} is scheduled without a cache slot")
-    return request.slot
