@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/compare.py decode  --servers ours,llama,vllm,ours-int8,llama-q8,ours
     .venv/bin/python benchmarks/compare.py stack   --servers ours,vllm    # tiny model, 64/256 streams
-    .venv/bin/python benchmarks/compare.py burst                           # 429s under a 10x burst
+    .venv/bin/python benchmarks/compare.py burst --servers ours,vllm --ours-args=--max-connections=4096
+                                                   # 429s under a 10x burst (2,880 connections)
     .venv/bin/python benchmarks/compare.py scoring --servers ours,vllm    # 1,000 prompts scored
     .venv/bin/python benchmarks/compare.py prefix  --servers ours,ours-no-prefix,vllm
     .venv/bin/python benchmarks/compare.py repetitive --servers ours,ours-ngram  # prompt lookup

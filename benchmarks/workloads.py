@@ -90,8 +90,12 @@ def burst(url: str, model: str, num_requests: int) -> Figures:
                 body = {"model": model, "prompt": [1000 + index, 7], "max_tokens": 64}
                 body |= {"ignore_eos": True, "temperature": 0}
                 started = time.perf_counter()
-                response = await client.post(f"{url}/v1/completions", json=body)
-                latencies.setdefault(response.status_code, []).append(time.perf_counter() - started)
+                try:
+                    response = await client.post(f"{url}/v1/completions", json=body)
+                    status = response.status_code
+                except httpx.TransportError:  # a connection refused or reset: no answer at all
+                    status = 0
+                latencies.setdefault(status, []).append(time.perf_counter() - started)
 
             await asyncio.gather(*(one(i) for i in range(num_requests)))
         refused = sorted(latencies.get(429, []))
@@ -99,6 +103,8 @@ def burst(url: str, model: str, num_requests: int) -> Figures:
             "sent": float(num_requests),
             "200": float(len(latencies.get(200, []))),
             "429": float(len(refused)),
+            "503": float(len(latencies.get(503, []))),
+            "no answer": float(len(latencies.get(0, []))),
         }
         if refused:
             figures["429 p50 ms"] = statistics.median(refused) * 1000

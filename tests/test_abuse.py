@@ -213,12 +213,17 @@ def test_connections_over_the_cap_get_503_in_the_error_shape() -> None:
         try:
             time.sleep(0.1)
             with socket.create_connection((host, int(port)), timeout=5) as extra:
+                extra.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
                 data = b""
                 while chunk := extra.recv(4096):
                     data += chunk
             assert data.startswith(b"HTTP/1.1 503")
             error = json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]
             assert error["code"] == "too_many_connections"
+            # an HTTP client gets the answer, not a reset connection, also with a body
+            answer = httpx.post(f"{server.url}/generate", json={"prompt": "x" * 4000})
+            assert answer.status_code == 503
+            assert answer.json()["error"]["code"] == "too_many_connections"
         finally:
             for sock in held:
                 sock.close()

@@ -340,3 +340,31 @@ def test_abort_between_steps_releases_seeded_state(tiny_model, tokenizer) -> Non
     assert aborted is request and event.finish_reason is FinishReason.ABORT and event.finished
     assert engine.runner._states == {} and not engine.has_work()
     assert engine.step() == []
+
+
+def test_rows_behind_a_shared_header_decode_as_each_request_alone(tokenizer: Tokenizer) -> None:
+    """Decode rows that share a long prompt prefix read it once (the shared-prefix attention);
+    their greedy tokens are those of each request run alone."""
+    from conftest import TINY, make_model
+    from model.config import GPTConfig
+
+    config = GPTConfig(**{**TINY.__dict__, "block_size": 512})
+    model = make_model(config, seed=5)
+    rng = random.Random(3)
+    header = [rng.randrange(50000) for _ in range(300)]
+    prompts = [header + [rng.randrange(50000) for _ in range(rng.randint(1, 20))] for _ in range(6)]
+    prompts.append([rng.randrange(50000) for _ in range(30)])  # shares nothing with them
+    engine = make_engine(model, tokenizer, max_batch_size=8, max_prefill_tokens=4096)
+    requests = [
+        engine.add_request(p, SamplingParams(temperature=0.0), StopParams(12, ignore_eos=True))
+        for p in prompts
+    ]
+    groups_seen = []
+    while engine.has_work():
+        engine.step()
+        groups_seen.append(engine.runner._shared[1])
+    assert any(len(g) == 1 and len(g[0].rows) == 6 and g[0].length >= 300 for g in groups_seen)
+    for request, prompt in zip(requests, prompts, strict=True):
+        assert request.output_token_ids == generate(
+            model, prompt, 12, SamplingParams(temperature=0.0)
+        )

@@ -6,7 +6,9 @@ headers never finish. Here every request must deliver its request line and heade
 `header_timeout` seconds of the connection opening, or of its first byte for each later request
 on a kept-alive connection; if not,
 the server answers 408 and closes. Connections beyond `max_connections` are answered 503 with
-the usual JSON error body and closed at once.
+the usual JSON error body as soon as their request arrives, and closed: they never reach the app.
+(Closing one before reading what the client sent would reset it, and the client would see a
+connection error instead of the 503.)
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
+        self._refusal: bytes | None = None  # the 503 an over-the-cap connection gets
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -52,12 +55,18 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 f"the server has its maximum of {limit} open connections; retry later or "
                 "reuse a connection"
             )
-            transport.write(
-                _error_bytes(503, "Service Unavailable", message, "too_many_connections")
+            self._refusal = _error_bytes(
+                503, "Service Unavailable", message, "too_many_connections"
             )
-            transport.close()
-            return
         self._start_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._refusal is None:
+            super().data_received(data)
+        elif not self.transport.is_closing():
+            self._cancel_header_timer()
+            self.transport.write(self._refusal)
+            self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

@@ -18,7 +18,9 @@ class EngineConfig:
     truncate_prompt: bool = False  # left-truncate prompts that do not fit instead of failing
     fast_decode: bool = False  # decode at bucketed shapes, replayed as CUDA graphs on CUDA
     max_slots_per_request: int | None = None  # slots one API request's choices may hold at once
-    reuse_prefixes: bool = True  # start prompts from a prefix cached in a slot, when one is
+    # start prompts from a prefix cached in a slot, when one is; decode rows with a long common
+    # prefix read its keys and values once
+    reuse_prefixes: bool = True
     speculative_method: str = "none"  # none, ngram (prompt lookup) or draft (a draft model)
     num_speculative_tokens: int = 3  # guesses checked per step
     ngram_max: int = 4  # prompt lookup matches the last ngram_max .. ngram_min tokens

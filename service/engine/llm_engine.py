@@ -87,6 +87,7 @@ class LLMEngine:
             eos_token_id=tokenizer.eos_token_id,
             fast_decode=self.config.fast_decode,
             speculator=speculator,
+            share_prefixes=self.config.reuse_prefixes,
         )
         self.output_processor = OutputProcessor(tokenizer, tokenizer.eos_token_id)
         self.stats = EngineStats()

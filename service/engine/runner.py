@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.decode import DecodeStep
+from model.decode import DecodeStep, SharedPrefix
 from model.gpt2 import GPT
 from model.kv_cache import BatchLayout, KVCache
 from model.sampling import SamplerOutput, SamplingState, sample
@@ -15,6 +15,7 @@ from service.engine.decode_graphs import DecodeGraphs
 from service.engine.errors import ModelNotUsableError
 from service.engine.request import PromptLogprob, Request, TopLogprobs
 from service.engine.scheduler import PrefillChunk, SchedulerOutput
+from service.engine.shared_prefix import find_shared_prefixes
 from service.engine.speculation import Speculator
 
 # Prompt log-probabilities go through the head this many positions at a time, so a long prompt
@@ -58,6 +59,7 @@ class ModelRunner:
         eos_token_id: int | None = None,
         fast_decode: bool = False,
         speculator: Speculator | None = None,
+        share_prefixes: bool = False,
     ) -> None:
         self.model = model
         self.device = model.device
@@ -75,6 +77,10 @@ class ModelRunner:
             getattr(module, "batch_invariant", False) for module in model.modules()
         )
         self.decode_step = DecodeStep(model)
+        # Decode rows with a long common prompt prefix read its keys and values once; the groups
+        # are found again only when the batch (its requests and their slots) changes.
+        self.share_prefixes = share_prefixes
+        self._shared: tuple[tuple[tuple[str, int], ...], list[SharedPrefix]] = ((), [])
         self.decode_graphs = (
             DecodeGraphs(model, self.cache, num_slots, num_slots, max_model_len)
             if fast_decode
@@ -155,13 +161,26 @@ class ModelRunner:
             )  # (B, 1)
             logits = self.model.forward_cached(idx, self.cache, layout)  # (B, vocab)
         else:
+            positions = [r.num_computed_tokens for r in ordered]
             logits = self.decode_step(
                 self.cache,
                 [r.token_at(r.num_computed_tokens) for r in ordered],
                 slots,
-                [r.num_computed_tokens for r in ordered],
+                positions,
+                self._shared_prefixes(ordered, slots, positions),
             )  # (B, vocab)
         return ordered, logits
+
+    def _shared_prefixes(
+        self, ordered: list[Request], slots: list[int], positions: list[int]
+    ) -> list[SharedPrefix]:
+        if not self.share_prefixes or len(ordered) < 2:
+            return []
+        key = tuple(zip((r.request_id for r in ordered), slots, strict=True))
+        if key != self._shared[0]:  # positions only grow, so the groups stay valid till then
+            prompts = [r.prompt_token_ids for r in ordered]
+            self._shared = (key, find_shared_prefixes(prompts, slots, positions))
+        return self._shared[1]
 
     def _speculate(self, decodes: list[Request], result: StepResult) -> list[Request]:
         """Verify guesses for the decode rows that can take them, in one forward pass; returns
