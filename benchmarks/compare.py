@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/compare.py decode  --servers ours,llama,vllm,ours-int8,llama-q8,ours
     .venv/bin/python benchmarks/compare.py stack   --servers ours,vllm    # tiny model, 64/256 streams
-    .venv/bin/python benchmarks/compare.py burst --servers ours,vllm --ours-args=--max-connections=4096
+    .venv/bin/python benchmarks/compare.py burst --servers ours,vllm --ours-args='--max-connections 4096 --keep-alive-timeout 60'
                                                    # 429s under a 10x burst (2,880 connections)
     .venv/bin/python benchmarks/compare.py scoring --servers ours,vllm    # 1,000 prompts scored
     .venv/bin/python benchmarks/compare.py prefix  --servers ours,ours-no-prefix,vllm
@@ -211,7 +211,7 @@ def main() -> int:
                     _OURS_URLS.discard(url)
                 figures = load(url, model)
         except Exception as exc:  # one server failing must not lose the others' rows
-            print(f"# {server.name}: failed: {exc}")
+            print(f"# {server.name}: failed: {exc!r}")
             continue
         if bound and figures.get("tok/s @1"):
             figures["@1 % of bound"] = 100 * (figures["tok/s @1"] or 0) / bound

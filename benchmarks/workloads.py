@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import random
 import statistics
 import time
@@ -80,24 +81,55 @@ def decode(
 
 
 def burst(url: str, model: str, num_requests: int) -> Figures:
-    """`num_requests` at once (10x what the server holds): how fast the refusals come."""
+    """`num_requests` at once (10x what the server holds): how fast the refusals come.
+
+    A plain asyncio HTTP/1.1 client: httpx's connection pool spends time quadratic in its size,
+    which at thousands of connections is tens of seconds of client time that would be read as
+    the server's. The connections are opened first, a few hundred at a time (thousands of
+    simultaneous connects overflow the listen backlog and wait on SYN retries), then every
+    request is written at once and timed from its write to the end of its answer."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+
+    async def post(
+        connection: tuple[asyncio.StreamReader, asyncio.StreamWriter], index: int
+    ) -> tuple[int, float]:
+        reader, writer = connection
+        body = {"model": model, "prompt": [1000 + index, 7], "max_tokens": 64}
+        payload = json.dumps(body | {"ignore_eos": True, "temperature": 0}).encode()
+        head = (
+            f"POST /v1/completions HTTP/1.1\r\nhost: {host}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(payload)}\r\n\r\n"
+        )
+        started = time.perf_counter()
+        try:
+            writer.write(head.encode() + payload)
+            status = int((await reader.readline()).split()[1])
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+        except (OSError, IndexError, ValueError, asyncio.IncompleteReadError):
+            status = 0  # refused, reset or cut: no answer at all
+        return status, time.perf_counter() - started
 
     async def main() -> Figures:
+        connections = []
+        for start in range(0, num_requests, 256):
+            count = min(256, num_requests - start)
+            opening = (asyncio.open_connection(host, int(port)) for _ in range(count))
+            connections += await asyncio.gather(*opening)
+        try:
+            answers = await asyncio.gather(
+                *(post(connection, i) for i, connection in enumerate(connections))
+            )
+        finally:
+            for _, writer in connections:
+                writer.close()
         latencies: dict[int, list[float]] = {}
-        async with _client(num_requests, timeout=120) as client:
-
-            async def one(index: int) -> None:
-                body = {"model": model, "prompt": [1000 + index, 7], "max_tokens": 64}
-                body |= {"ignore_eos": True, "temperature": 0}
-                started = time.perf_counter()
-                try:
-                    response = await client.post(f"{url}/v1/completions", json=body)
-                    status = response.status_code
-                except httpx.TransportError:  # a connection refused or reset: no answer at all
-                    status = 0
-                latencies.setdefault(status, []).append(time.perf_counter() - started)
-
-            await asyncio.gather(*(one(i) for i in range(num_requests)))
+        for status, seconds in answers:
+            latencies.setdefault(status, []).append(seconds)
         refused = sorted(latencies.get(429, []))
         figures: Figures = {
             "sent": float(num_requests),
@@ -225,10 +257,10 @@ def few_shot(
 
 def repetitive(url: str, model: str, num_requests: int, max_tokens: int) -> Figures:
     """One stream at a time on prompts that repeat a passage, the case prompt lookup is for
-    (quoting, summarising, editing): generated tokens/s and the token ids, to compare."""
+    (quoting, summarising, editing): generated tokens/s, and the texts, to compare."""
     rng = random.Random(17)
 
-    async def main() -> tuple[float, list[list[int]]]:
+    async def main() -> tuple[float, list[str]]:
         outputs = []
         generated = 0
         async with _client(1) as client:
@@ -246,7 +278,24 @@ def repetitive(url: str, model: str, num_requests: int, max_tokens: int) -> Figu
     asyncio.run(main())
     tokens_per_second, texts = asyncio.run(main())
     digest = int(hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:12], 16)
-    return {"tok/s @1": tokens_per_second, DIGEST: float(digest)}
+    figures: Figures = {"tok/s @1": tokens_per_second, DIGEST: float(digest)}
+    drafted = _metric(url, "gptserve_spec_decode_num_draft_tokens_total")
+    accepted = _metric(url, "gptserve_spec_decode_num_accepted_tokens_total")
+    if drafted:  # a server that speculates: how many of its guesses were kept
+        figures["guesses accepted %"] = 100 * (accepted or 0) / drafted
+    return figures
+
+
+def _metric(url: str, name: str) -> float | None:
+    """A counter from the server's Prometheus page (None when it has no such counter)."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
 
 
 # ------------------------------------------------------------------------------ loss
