@@ -106,7 +106,8 @@ class Settings(BaseSettings):
     prefix_caching: bool = Field(
         default=True,
         description="start a prompt from the longest prefix still cached in a KV-cache slot "
-        "(idle or in use) instead of computing it again",
+        "(idle or in use) instead of computing it again; decode rows read a shared prompt "
+        "prefix once",
     )
     max_slots_per_request: int | None = Field(
         default=None,
