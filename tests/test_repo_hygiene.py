@@ -27,6 +27,7 @@ MACHINE_PATH = re.compile(
     r"(?<![\w.~-])/(?:work|root|Users|tmp|mnt|scratch|srv)/[\w.-]"
     r"|(?<![\w.~-])/home/(?!gptserve\b)[\w.-]+"
     r"|(?<![\w.])\.\./(?:shared|notes)\b"
+    r"|(?<![\w./-])shared/(?:data|notes|peers)\b"
 )
 # Compose-level variables (image, build, host port), not settings of the server.
 COMPOSE_ONLY = {"GPTSERVE_IMAGE", "GPTSERVE_BASE_IMAGE", "GPTSERVE_BUILD_OFFLINE"}

@@ -124,7 +124,8 @@ def test_default_is_cached() -> None:
 
 
 def test_bundled_files_match_published_hashes() -> None:
-    # The SHA-256s tiktoken pins for OpenAI's GPT-2 encoding (see shared/data/README.md).
+    # The SHA-256s tiktoken pins for OpenAI's GPT-2 encoding (tiktoken_ext.openai_public's
+    # encoder_json_hash and vocab_bpe_hash).
     published_vocab = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
     published_merges = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
     assert hashlib.sha256(BUNDLED_VOCAB.read_bytes()).hexdigest() == published_vocab
