@@ -194,7 +194,6 @@ class _SharedPlan:
         grouped = {row for group in shared for row in group.rows}
         rest = [row for row in range(len(slots)) if row not in grouped]
         self.device = device
-        self.count = len(slots)
         self.rest = self._part(rest, slots, positions, 0) if rest else None
         self.groups = [
             (group.slot, group.length, self._part(list(group.rows), slots, positions, group.length))
