@@ -195,12 +195,17 @@ def invariant_attention(
             block = items[start : start + QUERY_BLOCK]
             rows = torch.tensor([item[0] for item in block], device=device)
             columns = torch.tensor([item[1] for item in block], device=device)
-            block_slots = torch.tensor([slots[item[0]] for item in block], device=device)
+            block_slots = [slots[item[0]] for item in block]
             query_positions = torch.tensor([item[2] for item in block], device=device)
             count = len(block)
             queries = scaled[rows, :, columns].reshape(count * num_heads, 1, head_dim)
-            keys = k_cache[block_slots, :, :length].reshape(count * num_heads, length, head_dim)
-            values = v_cache[block_slots, :, :length].reshape(count * num_heads, length, head_dim)
+            # Consecutive slots are read in place (a view); others are gathered. Each key block
+            # goes through the same (1 x hs) @ (hs x length) product either way: the same bits.
+            read: slice | torch.Tensor = slice(block_slots[0], block_slots[0] + count)
+            if block_slots != list(range(block_slots[0], block_slots[0] + count)):
+                read = torch.tensor(block_slots, device=device)
+            keys = k_cache[read, :, :length].reshape(count * num_heads, length, head_dim)
+            values = v_cache[read, :, :length].reshape(count * num_heads, length, head_dim)
             scores = torch.bmm(queries, keys.transpose(1, 2)).view(count, num_heads, length)
             future = torch.arange(length, device=device)[None, :] > query_positions[:, None]
             scores.masked_fill_(future[:, None, :], float("-inf"))

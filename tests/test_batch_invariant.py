@@ -12,6 +12,7 @@ from model.batch_invariant import (
     BatchInvarianceError,
     InvariantLinear,
     check_batch_invariance,
+    invariant_attention,
     make_batch_invariant,
 )
 from model.config import GPTConfig
@@ -132,3 +133,20 @@ def test_serve_refuses_int8_with_batch_invariance(tmp_path) -> None:  # type: ig
     engine, _ = load_engine(Settings(model=str(tmp_path / "m"), device="cpu", batch_invariant=True))
     model = engine.engine.model
     assert any(isinstance(m, InvariantLinear) for m in model.modules())
+
+
+def test_attention_reads_slots_in_place_or_gathered_with_the_same_bits() -> None:
+    """Consecutive slots are read as a view, others gathered: a query's result is the same."""
+    generator = torch.Generator().manual_seed(0)
+    k_cache = torch.randn(8, 12, 256, 64, generator=generator)
+    v_cache = torch.randn(8, 12, 256, 64, generator=generator)
+    q = torch.randn(8, 12, 1, 64, generator=generator)
+    positions = [[100 + 7 * slot] for slot in range(8)]  # every row in one key bucket or two
+    with torch.inference_mode():
+        together = invariant_attention(q, k_cache, v_cache, list(range(8)), positions)  # a view
+        for rows in ([5], [2, 3, 4], [5, 1, 6], [7, 0]):  # alone, consecutive, gathered
+            some = invariant_attention(
+                q[rows], k_cache, v_cache, rows, [positions[row] for row in rows]
+            )
+            for index, row in enumerate(rows):
+                assert torch.equal(some[index], together[row])
