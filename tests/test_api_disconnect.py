@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
 
 import httpx
 import pytest
@@ -31,34 +32,53 @@ def assert_all_aborted(server: LiveServer, num_requests: int) -> None:
     assert all(finished.num_output_tokens < 900 for finished in server.recorder.finished)
 
 
-async def _drop_after_first_line(client: httpx.AsyncClient, path: str, body: dict) -> str:
-    """Open a stream, read one line (a token, or a keep-alive while queued), hang up."""
-    async with client.stream("POST", path, json=body) as response:
-        assert response.status_code == 200
-        async for line in response.aiter_lines():
-            if line:
-                return line
-    raise AssertionError("the stream ended before its first line")
+async def _open(stack: AsyncExitStack, client: httpx.AsyncClient, index: int) -> AsyncIterator[str]:
+    """Open a stream (/stream or a streamed completion, by turns), held open by `stack`; its
+    non-empty lines."""
+    if index % 2:
+        body = {"model": MODEL_NAME, "prompt": "x", "stream": True, **LONG}
+        body["max_tokens"] = body.pop("max_new_tokens")
+        request = client.stream("POST", "/v1/completions", json=body)
+    else:
+        request = client.stream("POST", "/stream", json={"prompt": "x", **LONG})
+    response = await stack.enter_async_context(request)
+    assert response.status_code == 200
+    return (line async for line in response.aiter_lines() if line)
 
 
-async def _storm(url: str, num_clients: int) -> list[str]:
+async def _drain(lines: AsyncIterator[str]) -> None:
+    async for _ in lines:  # a reader that keeps up, so its request keeps its slot
+        pass
+
+
+async def _storm(url: str, num_slots: int, num_clients: int) -> list[str]:
+    """Streams that fill the slots and keep being read, then streams that must wait; the
+    first line of each, and then all hang up at once."""
     limits = httpx.Limits(max_connections=num_clients)
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
-        jobs = []
-        for index in range(num_clients):
-            if index % 2:
-                body = {"model": MODEL_NAME, "prompt": "x", "stream": True, **LONG}
-                body["max_tokens"] = body.pop("max_new_tokens")
-                jobs.append(_drop_after_first_line(client, "/v1/completions", body))
-            else:
-                jobs.append(_drop_after_first_line(client, "/stream", {"prompt": "x", **LONG}))
-        return await asyncio.gather(*jobs)
+        async with AsyncExitStack() as stack:
+            first_lines, readers = [], []
+            for index in range(num_slots):
+                lines = await _open(stack, client, index)
+                first_lines.append(await anext(lines))
+                readers.append(asyncio.ensure_future(_drain(lines)))
+
+            async def first_line_of_another(index: int) -> str:
+                return await anext(await _open(stack, client, index))
+
+            first_lines += await asyncio.gather(
+                *(first_line_of_another(index) for index in range(num_slots, num_clients))
+            )
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+        return first_lines
 
 
 def test_abort_streams_dropped_mid_stream_and_in_queue(server: LiveServer) -> None:
-    first_lines = asyncio.run(_storm(server.url, 16))
-    assert any(line.startswith("data: ") for line in first_lines)  # running ones got a token
-    assert ": keep-alive" in first_lines  # queued ones heard only keep-alives
+    first_lines = asyncio.run(_storm(server.url, 2, 16))
+    assert all(line.startswith("data: ") for line in first_lines[:2])  # running: a token
+    assert set(first_lines[2:]) == {": keep-alive"}  # queued behind them: only keep-alives
     assert_all_aborted(server, 16)
 
 
@@ -88,7 +108,7 @@ def test_abort_unstreamed_completions_when_the_client_gives_up(server: LiveServe
 
 
 def test_keep_serving_after_a_storm(server: LiveServer) -> None:
-    asyncio.run(_storm(server.url, 8))
+    asyncio.run(_storm(server.url, 2, 8))
     assert_all_aborted(server, 8)
     with httpx.Client(base_url=server.url, timeout=30) as client:
         response = client.post("/generate", json={"prompt": "x", "max_new_tokens": 3})
