@@ -98,38 +98,40 @@ class DecodeStep:
         tokens = torch.tensor(token_ids, device=device)
         where = torch.tensor(positions, device=device)
         x = self.wte[tokens] + self.wpe[where]  # (B, C)
+        plan: _SharedPlan | None = None
         if count == 1:
             slot, position = slots[0], positions[0]
-            mask = None
         else:
             slot_index = torch.tensor(slots, device=device)
-            context = max(positions) + 1
-            keys_at = torch.arange(context, device=device)
-            mask = (keys_at[None, :] <= where[:, None])[:, None, None, :]  # (B, 1, 1, L)
-            read = _rows_read(slots, device)
-        plan = _SharedPlan(slots, positions, shared, device) if shared and count > 1 else None
+            if shared:
+                plan = _SharedPlan(slots, positions, shared, device)
+            else:
+                read, context, mask = _key_window(slots, positions, 0, device)
         for index, layer in enumerate(self.layers):
             hidden = F.layer_norm(x, (width,), *layer.ln_1)
             qkv = layer.qkv(hidden).view(count, 3, num_heads, head_dim)
             query, key, value = qkv.unbind(1)  # each (B, nh, hs)
             k_cache, v_cache = cache.k[index], cache.v[index]  # (S, nh, M, hs)
-            if mask is None:
+            if count == 1:  # a row alone attends over exactly its keys: no mask
                 k_cache[slot, :, position] = key[0]
                 v_cache[slot, :, position] = value[0]
-                keys = k_cache[slot, :, : position + 1][None]  # (1, nh, L, hs)
-                values = v_cache[slot, :, : position + 1][None]
+                attended = F.scaled_dot_product_attention(
+                    query.unsqueeze(2),
+                    k_cache[slot, :, : position + 1][None],  # (1, nh, L, hs)
+                    v_cache[slot, :, : position + 1][None],
+                )  # (1, nh, 1, hs)
             else:
                 k_cache[slot_index, :, where] = key
                 v_cache[slot_index, :, where] = value
                 if plan is not None:
-                    x = x + layer.out(plan.attend(query, k_cache, v_cache).reshape(count, width))
-                    x = x + self._mlp(layer, x, width)
-                    continue
-                keys = k_cache[read, :, :context]  # (B, nh, L, hs)
-                values = v_cache[read, :, :context]
-            attended = F.scaled_dot_product_attention(
-                query.unsqueeze(2), keys, values, attn_mask=mask
-            )  # (B, nh, 1, hs)
+                    attended = plan.attend(query, k_cache, v_cache)  # (B, nh, hs)
+                else:
+                    attended = F.scaled_dot_product_attention(
+                        query.unsqueeze(2),
+                        k_cache[read, :, :context],  # (B, nh, L, hs)
+                        v_cache[read, :, :context],
+                        attn_mask=mask,
+                    )  # (B, nh, 1, hs)
             x = x + layer.out(attended.reshape(count, width))
             x = x + self._mlp(layer, x, width)
         return self.head(F.layer_norm(x, (width,), *self.ln_f))  # (B, vocab)
@@ -171,12 +173,19 @@ class DecodeStep:
         return self.head(F.layer_norm(x, (width,), *self.ln_f))  # (T, vocab)
 
 
-def _rows_read(slots: list[int], device: torch.device) -> slice | torch.Tensor:
-    """How to read these slots' cache rows: a view when they are consecutive, else an index."""
+def _key_window(
+    slots: list[int], positions: list[int], start: int, device: torch.device
+) -> tuple[slice | torch.Tensor, int, torch.Tensor]:
+    """Rows' keys in [start, end): how to read their slots (a view when they are consecutive,
+    else an index), `end`, and the (R, 1, 1, L) mask of the keys each row attends to."""
+    end = max(positions) + 1
+    where = torch.tensor(positions, device=device)
+    keys_at = torch.arange(start, end, device=device)
+    mask = (keys_at[None, :] <= where[:, None])[:, None, None, :]
     first = slots[0]
     if slots == list(range(first, first + len(slots))):
-        return slice(first, first + len(slots))
-    return torch.tensor(slots, device=device)
+        return slice(first, first + len(slots)), end, mask
+    return torch.tensor(slots, device=device), end, mask
 
 
 class _SharedPlan:
@@ -193,23 +202,27 @@ class _SharedPlan:
     ) -> None:
         grouped = {row for group in shared for row in group.rows}
         rest = [row for row in range(len(slots)) if row not in grouped]
-        self.device = device
-        self.rest = self._part(rest, slots, positions, 0) if rest else None
+        self.rest = self._part(rest, slots, positions, 0, device) if rest else None
         self.groups = [
-            (group.slot, group.length, self._part(list(group.rows), slots, positions, group.length))
+            (
+                group.slot,
+                group.length,
+                self._part(group.rows, slots, positions, group.length, device),
+            )
             for group in shared
         ]
 
+    @staticmethod
     def _part(
-        self, rows: list[int], slots: list[int], positions: list[int], start: int
+        rows: Sequence[int],
+        slots: list[int],
+        positions: list[int],
+        start: int,
+        device: torch.device,
     ) -> tuple[torch.Tensor, slice | torch.Tensor, int, torch.Tensor]:
-        """Rows' index, how to read their slots, their keys' end, and the mask over [start, end)."""
-        end = max(positions[row] for row in rows) + 1
-        where = torch.tensor([positions[row] for row in rows], device=self.device)
-        keys_at = torch.arange(start, end, device=self.device)
-        mask = (keys_at[None, :] <= where[:, None])[:, None, :]  # (R, 1, L)
-        read = _rows_read([slots[row] for row in rows], self.device)
-        return torch.tensor(rows, device=self.device), read, end, mask
+        """Rows' index, then their key window from `start` (see _key_window)."""
+        window = _key_window([slots[r] for r in rows], [positions[r] for r in rows], start, device)
+        return (torch.tensor(rows, device=device), *window)
 
     def attend(
         self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
@@ -222,7 +235,7 @@ class _SharedPlan:
                 query[rows].unsqueeze(2),
                 k_cache[read, :, :end],
                 v_cache[read, :, :end],
-                attn_mask=mask[:, :, None, :],
+                attn_mask=mask,
             ).squeeze(2)
         scale = 1.0 / math.sqrt(query.shape[-1])
         for slot, length, (rows, read, end, mask) in self.groups:
@@ -230,7 +243,7 @@ class _SharedPlan:
             prefix_scores = torch.matmul(q.transpose(0, 1), k_cache[slot, :, :length].mT)
             own_keys = k_cache[read, :, length:end]  # (R, nh, L, hs)
             own_scores = torch.matmul(q.unsqueeze(2), own_keys.mT).squeeze(2)  # (R, nh, L)
-            own_scores = own_scores.masked_fill(~mask, float("-inf"))
+            own_scores = own_scores.masked_fill(~mask[:, 0], float("-inf"))
             scores = torch.cat([prefix_scores.transpose(0, 1), own_scores], dim=2) * scale
             weights = torch.softmax(scores, dim=-1)  # (R, nh, P + L)
             attended = torch.matmul(

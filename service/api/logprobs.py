@@ -136,9 +136,7 @@ class LegacyLogprobs:
 
 def _at_most(top: TopLogprobs | None, num_top: int | None) -> TopLogprobs | None:
     """`top` cut to `num_top` alternatives (computed for the larger of two fields' asks)."""
-    if top is None or num_top is None or len(top.token_ids) <= num_top:
-        return top
-    return TopLogprobs(top.token_ids[:num_top], top.logprobs[:num_top])
+    return top if top is None or num_top is None else top.first(num_top)
 
 
 def vllm_prompt_logprobs(

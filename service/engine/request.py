@@ -49,6 +49,17 @@ class TopLogprobs:
     # (-inf for a candidate that the request's filters cut off).
     processed_logprobs: list[float] | None = None
 
+    def first(self, count: int) -> TopLogprobs:
+        """The `count` most likely of these (itself when it holds no more)."""
+        if len(self.token_ids) <= count:
+            return self
+        processed = self.processed_logprobs
+        return TopLogprobs(
+            self.token_ids[:count],
+            self.logprobs[:count],
+            processed[:count] if processed is not None else None,
+        )
+
 
 @dataclass
 class TokenOutput:

@@ -356,7 +356,6 @@ def _can_speculate(request: Request) -> bool:
     params = request.sampling
     return (
         request.speculative
-        # a seeded sample must be the same tokens whether it speculates or not
         and (params.seed is None or params.is_greedy)
         and not params.uses_penalties
         and params.logprobs is None

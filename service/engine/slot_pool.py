@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from service.engine.request import PromptLogprob, Request, TopLogprobs
+from service.engine.request import PromptLogprob, Request
 
 
 @dataclass
@@ -212,5 +212,4 @@ def _truncated(entry: PromptLogprob, num_top: int) -> PromptLogprob:
     top = entry.top_logprobs
     if top is None or len(top.token_ids) <= num_top:
         return entry
-    shorter = TopLogprobs(top.token_ids[:num_top], top.logprobs[:num_top])
-    return PromptLogprob(entry.token_id, entry.logprob, shorter, entry.rank)
+    return PromptLogprob(entry.token_id, entry.logprob, top.first(num_top), entry.rank)
