@@ -7,7 +7,9 @@ with what a single token needs: the rows' keys and values are written in place, 
 attends over exactly its own keys (no mask), and every layer's modules are called directly. At
 one stream on a CPU, where a step reads the weights once and should take no longer than that,
 this takes ~3 ms of overhead off a ~25 ms step (gpt2, float32). The layers themselves (packed,
-int8 or plain linears) are the model's own, so every weight path goes through here unchanged.
+int8, plain or batch-invariant linears) are the model's own, so every weight path goes through
+here unchanged; a batch-invariant model's rows attend per query exactly as its prompts do
+(`InvariantAttention`), so a token's logits are the same bits from a prompt or a decode step.
 
 Rows that share a long prompt prefix (n choices of one prompt, a few-shot header, a system
 prompt) can attend over that prefix together: its keys and values are read once, from one of
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.batch_invariant import InvariantAttention
 from model.gpt2 import GPT
 from model.kv_cache import KVCache
 
@@ -76,6 +79,8 @@ class DecodeStep:
         self.wte, self.wpe = transformer.wte.weight, transformer.wpe.weight
         self.ln_f = norm(transformer.ln_f)
         self.head = model.lm_head.forward
+        # Batch-invariant models attend per query, as their prompts do (the same bits).
+        self.invariant = any(getattr(m, "batch_invariant", False) for m in model.modules())
 
     def __call__(
         self,
@@ -99,11 +104,17 @@ class DecodeStep:
         where = torch.tensor(positions, device=device)
         x = self.wte[tokens] + self.wpe[where]  # (B, C)
         plan: _SharedPlan | None = None
+        per_query: InvariantAttention | None = None
+        if self.invariant:
+            max_len = cache.k.shape[3]
+            per_query = InvariantAttention(slots, [[p] for p in positions], max_len, device)
         if count == 1:
             slot, position = slots[0], positions[0]
         else:
             slot_index = torch.tensor(slots, device=device)
-            if shared:
+            if per_query is not None:
+                pass
+            elif shared:
                 plan = _SharedPlan(slots, positions, shared, device)
             else:
                 read, context, mask = _key_window(slots, positions, 0, device)
@@ -112,26 +123,29 @@ class DecodeStep:
             qkv = layer.qkv(hidden).view(count, 3, num_heads, head_dim)
             query, key, value = qkv.unbind(1)  # each (B, nh, hs)
             k_cache, v_cache = cache.k[index], cache.v[index]  # (S, nh, M, hs)
-            if count == 1:  # a row alone attends over exactly its keys: no mask
+            if count == 1:
                 k_cache[slot, :, position] = key[0]
                 v_cache[slot, :, position] = value[0]
+            else:
+                k_cache[slot_index, :, where] = key
+                v_cache[slot_index, :, where] = value
+            if per_query is not None:
+                attended = per_query(query.unsqueeze(2), k_cache, v_cache)  # (B, nh, 1, hs)
+            elif count == 1:  # a row alone attends over exactly its keys: no mask
                 attended = F.scaled_dot_product_attention(
                     query.unsqueeze(2),
                     k_cache[slot, :, : position + 1][None],  # (1, nh, L, hs)
                     v_cache[slot, :, : position + 1][None],
                 )  # (1, nh, 1, hs)
+            elif plan is not None:
+                attended = plan.attend(query, k_cache, v_cache)  # (B, nh, hs)
             else:
-                k_cache[slot_index, :, where] = key
-                v_cache[slot_index, :, where] = value
-                if plan is not None:
-                    attended = plan.attend(query, k_cache, v_cache)  # (B, nh, hs)
-                else:
-                    attended = F.scaled_dot_product_attention(
-                        query.unsqueeze(2),
-                        k_cache[read, :, :context],  # (B, nh, L, hs)
-                        v_cache[read, :, :context],
-                        attn_mask=mask,
-                    )  # (B, nh, 1, hs)
+                attended = F.scaled_dot_product_attention(
+                    query.unsqueeze(2),
+                    k_cache[read, :, :context],  # (B, nh, L, hs)
+                    v_cache[read, :, :context],
+                    attn_mask=mask,
+                )  # (B, nh, 1, hs)
             x = x + layer.out(attended.reshape(count, width))
             x = x + self._mlp(layer, x, width)
         return self.head(F.layer_norm(x, (width,), *self.ln_f))  # (B, vocab)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.batch_invariant import invariant_attention
+from model.batch_invariant import InvariantAttention
 from model.config import GPTConfig
 from model.kv_cache import BatchLayout, KVCache
 
@@ -60,8 +60,11 @@ class CausalSelfAttention(nn.Module):
             k_cache[layout.write_slots, :, layout.write_pos] = k[rows, cols]  # (N, nh, hs)
             v_cache[layout.write_slots, :, layout.write_pos] = v[rows, cols]  # (N, nh, hs)
             if self.batch_invariant and layout.row_slots is not None:
-                positions = layout.row_positions or []
-                y = invariant_attention(q, k_cache, v_cache, layout.row_slots, positions)
+                if layout.invariant_attention is None:  # laid out once for all layers
+                    layout.invariant_attention = InvariantAttention(
+                        layout.row_slots, layout.row_positions or [], k_cache.shape[2], q.device
+                    )
+                y = layout.invariant_attention(q, k_cache, v_cache)
             else:
                 keys = k_cache[layout.read_slots, :, : layout.context_len]  # (B, nh, Lc, hs)
                 values = v_cache[layout.read_slots, :, : layout.context_len]  # (B, nh, Lc, hs)

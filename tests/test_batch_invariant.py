@@ -16,7 +16,9 @@ from model.batch_invariant import (
     make_batch_invariant,
 )
 from model.config import GPTConfig
+from model.decode import DecodeStep
 from model.gpt2 import GPT
+from model.kv_cache import BatchLayout, KVCache
 from model.loading import save_checkpoint
 from model.packed_linear import packing_available
 from model.sampling_params import SamplingParams
@@ -150,3 +152,28 @@ def test_attention_reads_slots_in_place_or_gathered_with_the_same_bits() -> None
             )
             for index, row in enumerate(rows):
                 assert torch.equal(some[index], together[row])
+
+
+def test_a_decode_step_gives_the_bits_of_a_prompt(invariant_model: GPT) -> None:
+    """A token's logits are the same whether it was the last of a prompt or fed by the lean
+    decode step, alone or beside rows in other slots at other positions; so a request that is
+    preempted and recomputed, or whose prefix is reused, keeps its bits."""
+    rng = random.Random(3)
+    prompts = [[rng.randrange(50257) for _ in range(n)] for n in (90, 17, 64, 129)]
+    slots = [2, 0, 3, 1]  # not in order: the decode step gathers their keys
+    with torch.inference_mode():
+        cache = KVCache(WIDE, 4, 256)
+        for prompt, slot in zip(prompts, slots, strict=True):  # all but the last token
+            layout = BatchLayout.build([slot], [0], [len(prompt) - 1], 256)
+            invariant_model.forward_cached(torch.tensor([prompt[:-1]]), cache, layout)
+        step = DecodeStep(invariant_model)
+        assert step.invariant
+        together = step(cache, [p[-1] for p in prompts], slots, [len(p) - 1 for p in prompts])
+        for row, (prompt, slot) in enumerate(zip(prompts, slots, strict=True)):
+            fresh = KVCache(WIDE, 1, 256)
+            whole = invariant_model.forward_cached(
+                torch.tensor([prompt]), fresh, BatchLayout.build([0], [0], [len(prompt)], 256)
+            )[0]
+            alone = step(cache, [prompt[-1]], [slot], [len(prompt) - 1])[0]
+            assert torch.equal(together[row], whole)
+            assert torch.equal(alone, whole)

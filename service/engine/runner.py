@@ -148,27 +148,14 @@ class ModelRunner:
         # By slot, so the rows' cache is often one view (and the logits stay in that order).
         ordered = sorted(requests, key=lambda r: r.held_slot)
         slots = [r.held_slot for r in ordered]
-        if self.is_batch_invariant:  # its attention runs per query: the general path
-            layout = BatchLayout.build(
-                slots,
-                [r.num_computed_tokens for r in ordered],
-                [1] * len(ordered),
-                self.max_model_len,
-                self.device,
-            )
-            idx = torch.tensor(
-                [[r.token_at(r.num_computed_tokens)] for r in ordered], device=self.device
-            )  # (B, 1)
-            logits = self.model.forward_cached(idx, self.cache, layout)  # (B, vocab)
-        else:
-            positions = [r.num_computed_tokens for r in ordered]
-            logits = self.decode_step(
-                self.cache,
-                [r.token_at(r.num_computed_tokens) for r in ordered],
-                slots,
-                positions,
-                self._shared_prefixes(ordered, slots, positions),
-            )  # (B, vocab)
+        positions = [r.num_computed_tokens for r in ordered]
+        logits = self.decode_step(
+            self.cache,
+            [r.token_at(r.num_computed_tokens) for r in ordered],
+            slots,
+            positions,
+            self._shared_prefixes(ordered, slots, positions),
+        )  # (B, vocab)
         return ordered, logits
 
     def _shared_prefixes(
