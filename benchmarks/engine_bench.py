@@ -22,7 +22,7 @@ import torch
 
 from model.config import GPTConfig
 from model.gpt2 import GPT
-from model.packed_linear import pack_linears
+from model.kernel_choice import use_fastest_float32_kernels
 from model.quantize import QUANTIZATIONS, apply_quantization
 from model.sampling_params import SamplingParams
 from model.tokenizer import Tokenizer
@@ -79,8 +79,9 @@ async def bench(args: argparse.Namespace) -> list[tuple[str, int, dict[str, floa
     config = GPTConfig.from_preset(args.model)
     model = GPT(config).init_weights(0).eval().to(device=device, dtype=DTYPES[args.dtype])
     model = apply_quantization(model, args.quantization)
-    if args.pack_weights:
-        pack_linears(model)  # as `gptserve serve` does by default on CPU
+    if args.pack_weights and args.quantization == "none" and device.type == "cpu":
+        # as `gptserve serve` does by default on CPU
+        use_fastest_float32_kernels(model, max(args.levels))
     tokenizer = Tokenizer.default()
     rows = []
     for label, batch_cap in (("batched", None), ("batch=1", 1)):

@@ -5,7 +5,9 @@ fastest for one row everywhere measured, but where oneDNN's packed kernel starts
 moved from 4 rows (an Intel Xeon) to 2 (an AMD EPYC, where MKL's skinny matrix products are
 slow). So instead of a fixed threshold, `choose_packed_min_rows` times the model's own linear
 layers (its distinct weights, as a decode step reads them) with both kernels at a few row
-counts, and returns the row count from which the packed kernel wins. `choose_int8_engine` does
+counts, and returns the row count from which the packed kernel wins; before that,
+`choose_weight_layout` times one row on row-major and on column-major weights (see
+model.weight_layout), and `use_fastest_float32_kernels` applies both. `choose_int8_engine` does
 the same for the int8 kernels torch has (x86, fbgemm, oneDNN). Both only choose among kernels
 that compute the same function (float32 to float32, int8 to int8); a kernel missing from the
 torch build is simply not a candidate, and with none the plain path stays.
@@ -24,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.packed_linear import PACK_BATCH_HINT, packing_available
+from model.packed_linear import PACK_BATCH_HINT, pack_linears, packing_available
+from model.weight_layout import set_column_major
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +42,16 @@ class KernelChoice:
     packed_min_rows: int | None  # None: MKL for every row count
     timings: dict[int, tuple[float, float]] = field(default_factory=dict)  # rows: (MKL, packed)
     reason: str = ""
+    column_major: bool = False  # MKL reads the weights column-major (model.weight_layout)
 
     def describe(self) -> str:
         """One phrase for the start-up line."""
+        mkl = "MKL on column-major weights" if self.column_major else "MKL"
         if self.packed_min_rows is None:
-            return f"MKL for every row count ({self.reason})" if self.reason else "MKL"
+            return f"{mkl} for every row count ({self.reason})" if self.reason else mkl
         if self.packed_min_rows <= 1:
             return "oneDNN packed for every row count"
-        return f"MKL below {self.packed_min_rows} rows, oneDNN packed from {self.packed_min_rows}"
+        return f"{mkl} below {self.packed_min_rows} rows, oneDNN packed from {self.packed_min_rows}"
 
 
 def _best_time(run: Callable[[], object]) -> float:
@@ -84,7 +89,12 @@ def choose_packed_min_rows(
     ):
         return KernelChoice(None, reason="packed weights are for CPU float32 models")
     packed = [
-        (torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), PACK_BATCH_HINT), layer)
+        (
+            torch.ops.mkldnn._reorder_linear_weight(
+                layer.weight.detach().contiguous(), PACK_BATCH_HINT
+            ),
+            layer,
+        )
         for layer in layers
     ]
     timings: dict[int, tuple[float, float]] = {}
@@ -113,6 +123,55 @@ def choose_packed_min_rows(
         choice.describe(),
         ", ".join(f"{r}: {m:.1f}/{p:.1f}" for r, (m, p) in timings.items()),
     )
+    return choice
+
+
+def choose_weight_layout(model: nn.Module) -> tuple[bool, float, float]:
+    """Time one row through the model's float32 linears with the weights row-major, then
+    column-major (model.weight_layout), and leave them in the faster layout. Returns whether
+    that is column-major, and both timings (ms). In place: no second copy of the weights."""
+    layers = _linears(model)
+    inputs = {layer.in_features: torch.randn(1, layer.in_features) for layer in layers}
+
+    def one_row() -> None:
+        for layer in layers:
+            F.linear(inputs[layer.in_features], layer.weight, layer.bias)
+
+    set_column_major(model, False)
+    with torch.inference_mode():
+        row_ms = _best_time(one_row)
+    set_column_major(model, True)  # outside inference mode: the parameters stay plain tensors
+    with torch.inference_mode():
+        column_ms = _best_time(one_row)
+    column_major = column_ms < row_ms
+    if not column_major:
+        set_column_major(model, False)
+    logger.info(
+        "one-row weight layout: %s (ms row-major/column-major: %.1f/%.1f)",
+        "column-major" if column_major else "row-major",
+        row_ms,
+        column_ms,
+    )
+    return column_major, row_ms, column_ms
+
+
+def use_fastest_float32_kernels(model: nn.Module, max_rows: int) -> KernelChoice:
+    """Measure and apply this machine's fastest float32 linear kernels to a CPU model: the
+    weight layout for one row, then from which row count oneDNN's packed kernel takes over
+    (the weights are packed for it). Without oneDNN the model stays as it is."""
+    if not packing_available():
+        return KernelChoice(None, reason="this torch build has no oneDNN linear ops")
+    # A column-major layout slows MKL down from 2 rows, so it is only taken with packing,
+    # and the packed kernel's threshold is measured on the layout chosen.
+    column_major, _, _ = choose_weight_layout(model)
+    choice = choose_packed_min_rows(model, max_rows)
+    if column_major and choice.packed_min_rows is None:  # packing never won: MKL everywhere
+        set_column_major(model, False)
+        column_major = False
+        choice = choose_packed_min_rows(model, max_rows)
+    if choice.packed_min_rows is not None:
+        pack_linears(model, choice.packed_min_rows)
+    choice.column_major = column_major
     return choice
 
 

@@ -63,7 +63,7 @@ class PackedLinear(nn.Linear):
 
     def repack(self) -> None:
         """Pack the weight as it is now."""
-        weight = self.weight.detach()
+        weight = self.weight.detach().contiguous()  # row-major, whatever its layout here
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
         self._packed_from = self._weight_state()
 

@@ -12,7 +12,7 @@ from model.batch_invariant import (
     make_batch_invariant,
 )
 from model.gpt2 import GPT
-from model.kernel_choice import choose_int8_engine, choose_packed_min_rows
+from model.kernel_choice import choose_int8_engine, use_fastest_float32_kernels
 from model.loading import load_model
 from model.packed_linear import PACKABLE_DTYPES, pack_linears, packing_available
 from model.quantize import apply_quantization
@@ -123,13 +123,12 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
         except BatchInvarianceError as exc:
             raise ServeConfigError(f"--batch-invariant: {exc}") from exc
     elif settings.pack_weights and device.type == "cpu" and dtype in PACKABLE_DTYPES:
-        min_rows = settings.packed_min_rows
-        if min_rows is None:  # measured: where oneDNN starts to win depends on the CPU
-            min_rows = choose_packed_min_rows(model, settings.max_batch_size).packed_min_rows
         if not packing_available():
             logger.warning("this torch build has no oneDNN linear ops; weights stay unpacked")
-        elif min_rows is not None:
-            pack_linears(model, min_rows)
+        elif settings.packed_min_rows is not None:  # forced: row-major weights, as always
+            pack_linears(model, settings.packed_min_rows)
+        else:  # measured: the one-row layout and where oneDNN starts to win depend on the CPU
+            use_fastest_float32_kernels(model, settings.max_batch_size)
     if loaded.tokenizer_dir is not None:
         tokenizer = Tokenizer.for_model_dir(loaded.tokenizer_dir)
     else:

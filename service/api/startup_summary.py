@@ -14,6 +14,7 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 from model.batch_invariant import InvariantLinear
 from model.kernel_choice import KernelChoice
 from model.packed_linear import PackedLinear
+from model.weight_layout import is_column_major
 
 MIB = 1024 * 1024
 
@@ -101,7 +102,8 @@ def linear_kernels_of(model: nn.Module) -> str:
         return "oneDNN packed at every row count, batch-invariant"
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     if packed:
-        return KernelChoice(packed[0].min_rows).describe()
+        column_major = is_column_major(packed[0].weight)
+        return KernelChoice(packed[0].min_rows, column_major=column_major).describe()
     return "MKL" if model_device_type(model) == "cpu" else "cuBLAS"
 
 
