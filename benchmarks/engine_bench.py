@@ -79,9 +79,8 @@ async def bench(args: argparse.Namespace) -> list[tuple[str, int, dict[str, floa
     config = GPTConfig.from_preset(args.model)
     model = GPT(config).init_weights(0).eval().to(device=device, dtype=DTYPES[args.dtype])
     model = apply_quantization(model, args.quantization)
-    if args.pack_weights and args.quantization == "none" and device.type == "cpu":
-        # as `gptserve serve` does by default on CPU
-        use_fastest_float32_kernels(model, max(args.levels))
+    if args.pack_weights:  # as `gptserve serve` does by default on CPU
+        use_fastest_float32_kernels(model, max(32, *args.levels))
     tokenizer = Tokenizer.default()
     rows = []
     for label, batch_cap in (("batched", None), ("batch=1", 1)):

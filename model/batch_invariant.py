@@ -242,17 +242,6 @@ class _QueryBlock:
     future: torch.Tensor  # (count, 1, length) True past each query's position
 
 
-def invariant_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slots: list[int],
-    positions: list[list[int]],
-) -> torch.Tensor:
-    """One layer's InvariantAttention, laid out and applied at once."""
-    return InvariantAttention(slots, positions, k_cache.shape[2], q.device)(q, k_cache, v_cache)
-
-
 @torch.inference_mode()
 def check_batch_invariance(model: GPT, max_len: int, seed: int = 0) -> None:
     """Raise BatchInvarianceError unless a probe prompt's last logits are the same bits alone,

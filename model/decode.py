@@ -95,6 +95,8 @@ class DecodeStep:
         Each row's key and value are written to the cache before it attends, as in
         forward_cached. The rows of each `shared` group read their common prefix's keys and
         values once (see SharedPrefix); the logits agree with those without it to float rounding.
+        A batch-invariant model ignores `shared`: its rows attend per query, each over its own
+        slot, for the same bits as its prompts.
         """
         count = len(token_ids)
         device = self.wte.device
@@ -112,11 +114,9 @@ class DecodeStep:
             slot, position = slots[0], positions[0]
         else:
             slot_index = torch.tensor(slots, device=device)
-            if per_query is not None:
-                pass
-            elif shared:
+            if shared and per_query is None:
                 plan = _SharedPlan(slots, positions, shared, device)
-            else:
+            elif per_query is None:
                 read, context, mask = _key_window(slots, positions, 0, device)
         for index, layer in enumerate(self.layers):
             hidden = F.layer_norm(x, (width,), *layer.ln_1)
@@ -159,7 +159,10 @@ class DecodeStep:
         self, cache: KVCache, token_ids: list[int], slot: int, position: int
     ) -> torch.Tensor:
         """Logits (T, vocab) after feeding T tokens of one slot at positions position, ...:
-        speculative decoding's check of its guesses, as lean as a decode step."""
+        speculative decoding's check of its guesses, as lean as a decode step. Not for
+        batch-invariant models (its attention is the plain kind): the runner checks their
+        guesses through the model's cached forward."""
+        assert not self.invariant, "batch-invariant guesses go through forward_cached"
         count = len(token_ids)
         device = self.wte.device
         config = self.model.config

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.packed_linear import PACK_BATCH_HINT, pack_linears, packing_available
-from model.weight_layout import set_column_major
+from model.weight_layout import linear_weights, set_column_major
 
 logger = logging.getLogger(__name__)
 
@@ -158,14 +158,17 @@ def choose_weight_layout(model: nn.Module) -> tuple[bool, float, float]:
 def use_fastest_float32_kernels(model: nn.Module, max_rows: int) -> KernelChoice:
     """Measure and apply this machine's fastest float32 linear kernels to a CPU model: the
     weight layout for one row, then from which row count oneDNN's packed kernel takes over
-    (the weights are packed for it). Without oneDNN the model stays as it is."""
+    (the weights are packed for it). Without oneDNN, or for weights that are not CPU float32,
+    the model stays as it is."""
     if not packing_available():
         return KernelChoice(None, reason="this torch build has no oneDNN linear ops")
-    # A column-major layout slows MKL down from 2 rows, so it is only taken with packing,
-    # and the packed kernel's threshold is measured on the layout chosen.
+    if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in linear_weights(model)):
+        return KernelChoice(None, reason="packed weights are for CPU float32 models")
+    # MKL is slower on column-major weights from 2 rows, so that layout is kept only when the
+    # packed kernel takes every step of 2 rows or more; the threshold is measured on it.
     column_major, _, _ = choose_weight_layout(model)
     choice = choose_packed_min_rows(model, max_rows)
-    if column_major and choice.packed_min_rows is None:  # packing never won: MKL everywhere
+    if column_major and choice.packed_min_rows != 2:
         set_column_major(model, False)
         column_major = False
         choice = choose_packed_min_rows(model, max_rows)

@@ -38,7 +38,8 @@ def set_column_major(model: nn.Module, column_major: bool = True) -> int:
     """Store every linear weight column-major (or back to row-major), in place; returns how
     many weights moved. Weights that are not 2-D CPU tensors are left as they are."""
     moved = 0
-    with torch.no_grad():
+    # Never inference tensors (a caller may be in inference mode): the model may train later.
+    with torch.inference_mode(False), torch.no_grad():
         for weight in linear_weights(model):
             if weight.device.type != "cpu" or weight.dim() != 2:
                 continue

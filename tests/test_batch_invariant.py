@@ -10,9 +10,9 @@ import torch
 from conftest import make_model
 from model.batch_invariant import (
     BatchInvarianceError,
+    InvariantAttention,
     InvariantLinear,
     check_batch_invariance,
-    invariant_attention,
     make_batch_invariant,
 )
 from model.config import GPTConfig
@@ -145,10 +145,12 @@ def test_attention_reads_slots_in_place_or_gathered_with_the_same_bits() -> None
     q = torch.randn(8, 12, 1, 64, generator=generator)
     positions = [[100 + 7 * slot] for slot in range(8)]  # every row in one key bucket or two
     with torch.inference_mode():
-        together = invariant_attention(q, k_cache, v_cache, list(range(8)), positions)  # a view
+        together = InvariantAttention(list(range(8)), positions, 256, q.device)(
+            q, k_cache, v_cache
+        )  # a view
         for rows in ([5], [2, 3, 4], [5, 1, 6], [7, 0]):  # alone, consecutive, gathered
-            some = invariant_attention(
-                q[rows], k_cache, v_cache, rows, [positions[row] for row in rows]
+            some = InvariantAttention(rows, [positions[row] for row in rows], 256, q.device)(
+                q[rows], k_cache, v_cache
             )
             for index, row in enumerate(rows):
                 assert torch.equal(some[index], together[row])
@@ -156,8 +158,8 @@ def test_attention_reads_slots_in_place_or_gathered_with_the_same_bits() -> None
 
 def test_a_decode_step_gives_the_bits_of_a_prompt(invariant_model: GPT) -> None:
     """A token's logits are the same whether it was the last of a prompt or fed by the lean
-    decode step, alone or beside rows in other slots at other positions; so a request that is
-    preempted and recomputed, or whose prefix is reused, keeps its bits."""
+    decode step, alone or beside rows in other slots at other positions: what a request that
+    is preempted and recomputed (its generated tokens then come back as a prompt) relies on."""
     rng = random.Random(3)
     prompts = [[rng.randrange(50257) for _ in range(n)] for n in (90, 17, 64, 129)]
     slots = [2, 0, 3, 1]  # not in order: the decode step gathers their keys

@@ -70,6 +70,7 @@ def test_flag_forces_the_row_count(tmp_path: Path) -> None:
     engine, _ = load_engine(settings)
     packed = [m for m in engine.engine.model.modules() if isinstance(m, PackedLinear)]
     assert packed and all(m.min_rows == 2 for m in packed)
+    assert all(m.weight.is_contiguous() for m in packed)  # forced: row-major, as always
     assert kernels == "MKL below 2 rows, oneDNN packed from 2"
     torch.testing.assert_close(logits, reference_logits(), rtol=0, atol=1e-4)
 

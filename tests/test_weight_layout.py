@@ -82,14 +82,18 @@ def test_column_major_with_packing_from_two_rows(timings: list[float]) -> None:
     # one row: row-major 2 ms, column-major 1 ms; then (MKL, packed) from 1 row up: packed wins
     # from 2 rows on
     timings += [2.0, 1.0, 1.0, 5.0, 9.0, 3.0, 9.0, 3.0]
-    choice = use_fastest_float32_kernels(model, max_rows=3)
+    with torch.inference_mode():  # as a caller might be: the parameters stay plain tensors
+        choice = use_fastest_float32_kernels(model, max_rows=3)
     assert choice.column_major and choice.packed_min_rows == 2
+    assert not any(parameter.is_inference() for parameter in model.parameters())
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     assert packed and all(m.min_rows == 2 and is_column_major(m.weight) for m in packed)
+    # packed after the layout moved: no layer will pack again on its first step
+    assert all(m._packed_from == m._weight_state() for m in packed)
     assert linear_kernels_of(model) == (
         "MKL on column-major weights below 2 rows, oneDNN packed from 2"
     )
-    with torch.inference_mode():  # 6 rows: the packed kernel, from the row-major copy it made
+    with torch.inference_mode():  # 6 rows: the packed kernel; 1 row: MKL, column-major
         torch.testing.assert_close(model(IDX), reference, rtol=0, atol=1e-4)
         torch.testing.assert_close(model(IDX[:, :1]), reference[:, :1], rtol=0, atol=1e-4)
 
@@ -103,3 +107,21 @@ def test_column_major_is_undone_when_packing_never_wins(timings: list[float]) ->
     assert choice.packed_min_rows is None and not choice.column_major
     assert all(w.is_contiguous() for w in linear_weights(model))
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+@pytest.mark.skipif(not packing_available(), reason="torch without oneDNN")
+def test_column_major_is_undone_when_packing_takes_every_row(timings: list[float]) -> None:
+    model = make_model()
+    # column-major wins one row, but packed beats MKL from 1 row: MKL never runs, so the
+    # embedding need not read a strided table
+    timings += [2.0, 1.0, 5.0, 1.0, 5.0, 1.0, 5.0, 1.0, 5.0, 1.0, 5.0, 1.0, 5.0, 1.0]
+    choice = use_fastest_float32_kernels(model, max_rows=3)
+    assert choice.packed_min_rows == 1 and not choice.column_major
+    assert all(w.is_contiguous() for w in linear_weights(model))
+
+
+def test_other_dtypes_are_left_alone() -> None:
+    model = make_model().to(torch.bfloat16)
+    choice = use_fastest_float32_kernels(model, max_rows=3)
+    assert choice.packed_min_rows is None and "float32" in choice.reason
+    assert all(w.is_contiguous() for w in linear_weights(model))

@@ -12,7 +12,11 @@ from model.batch_invariant import (
     make_batch_invariant,
 )
 from model.gpt2 import GPT
-from model.kernel_choice import choose_int8_engine, use_fastest_float32_kernels
+from model.kernel_choice import (
+    PROBE_ROW_COUNTS,
+    choose_int8_engine,
+    use_fastest_float32_kernels,
+)
 from model.loading import load_model
 from model.packed_linear import PACKABLE_DTYPES, pack_linears, packing_available
 from model.quantize import apply_quantization
@@ -128,7 +132,8 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
         elif settings.packed_min_rows is not None:  # forced: row-major weights, as always
             pack_linears(model, settings.packed_min_rows)
         else:  # measured: the one-row layout and where oneDNN starts to win depend on the CPU
-            use_fastest_float32_kernels(model, settings.max_batch_size)
+            # Prompt chunks and speculative checks have many rows whatever the batch cap.
+            use_fastest_float32_kernels(model, max(settings.max_batch_size, PROBE_ROW_COUNTS[-1]))
     if loaded.tokenizer_dir is not None:
         tokenizer = Tokenizer.for_model_dir(loaded.tokenizer_dir)
     else:
@@ -158,8 +163,8 @@ def load_draft_model(
             f"served model's ({model.config.vocab_size}): it cannot propose every token"
         )
     on_cpu = device.type == "cpu" and dtype in PACKABLE_DTYPES
-    if on_cpu and settings.pack_weights and packing_available():
-        pack_linears(draft)
+    if on_cpu and settings.pack_weights:  # the draft mostly runs one row: measure it as well
+        use_fastest_float32_kernels(draft, PROBE_ROW_COUNTS[-1])
     logger.info(
         "draft model %s: %s parameters", settings.draft_model, f"{draft.config.num_parameters:,}"
     )

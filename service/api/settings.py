@@ -52,14 +52,16 @@ class Settings(BaseSettings):
     pack_weights: bool = Field(
         default=True,
         description="CPU (float32, unquantized): keep a oneDNN-packed copy of the linear weights "
-        "for steps of 4+ rows; about 1.7x the tokens/s at 4-16 concurrent, for a second copy of "
-        "the weights in memory",
+        "for steps of several rows (from a row count measured at start-up), and store the "
+        "weights column-major where that makes one-row steps faster; about 1.7x the tokens/s at "
+        "4-16 concurrent, for a second copy of the weights in memory",
     )
     packed_min_rows: int | None = Field(
         default=None,
         ge=1,
         description="with packed weights: the row count from which the oneDNN-packed copy is "
-        "used instead of MKL (default: measured on this machine at start-up)",
+        "used instead of MKL (default: measured on this machine at start-up, with the one-row "
+        "weight layout; forced, the weights stay row-major)",
     )
     fast_decode: bool = Field(
         default=False,

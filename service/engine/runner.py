@@ -73,10 +73,8 @@ class ModelRunner:
         self.cache = KVCache(model.config, cache_slots, max_model_len, self.device, self.dtype)
         self._states: dict[str, SamplingState] = {}
         self.speculator = speculator
-        self.is_batch_invariant = any(
-            getattr(module, "batch_invariant", False) for module in model.modules()
-        )
         self.decode_step = DecodeStep(model)
+        self.is_batch_invariant = self.decode_step.invariant
         # Decode rows with a long common prompt prefix read its keys and values once; the groups
         # are found again only when the batch (its requests and their slots) changes.
         self.share_prefixes = share_prefixes
@@ -161,7 +159,7 @@ class ModelRunner:
     def _shared_prefixes(
         self, ordered: list[Request], slots: list[int], positions: list[int]
     ) -> list[SharedPrefix]:
-        if not self.share_prefixes or len(ordered) < 2:
+        if not self.share_prefixes or self.is_batch_invariant or len(ordered) < 2:
             return []
         key = tuple(zip((r.request_id for r in ordered), slots, strict=True))
         if key != self._shared[0]:  # positions only grow, so the groups stay valid till then
