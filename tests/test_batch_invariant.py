@@ -179,3 +179,39 @@ def test_a_decode_step_gives_the_bits_of_a_prompt(invariant_model: GPT) -> None:
             alone = step(cache, [prompt[-1]], [slot], [len(prompt) - 1])[0]
             assert torch.equal(together[row], whole)
             assert torch.equal(alone, whole)
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_a_preempted_request_keeps_its_bits(invariant_model: GPT, reuse: bool) -> None:
+    """Preempted after three tokens, the target computes its prompt and those tokens again as
+    a prompt (or finds them cached) and goes on: the same tokens and logprobs as alone."""
+    alone = run_target(invariant_model, 0, 512, reuse=False)
+    engine = LLMEngine(
+        invariant_model,
+        Tokenizer.default(),
+        EngineConfig(max_batch_size=1, max_prefill_tokens=512, reuse_prefixes=reuse),
+    )
+    target = engine.add_request(
+        target_prompt(), TARGET_PARAMS, StopParams(8), client_id="a", priority=1
+    )
+    schedule, preempted = engine.scheduler.schedule, []
+
+    def watched():  # type: ignore[no-untyped-def]
+        work = schedule()
+        preempted.extend(work.preempted)
+        return work
+
+    engine.scheduler.schedule = watched  # type: ignore[method-assign]
+    tokens = []
+    while len(tokens) < 3:
+        tokens += [t for request, e in engine.step() if request is target for t in e.tokens]
+    urgent = engine.add_request([1, 2, 3] * 30, SamplingParams(), StopParams(4), priority=0)
+    while engine.has_work():
+        for request, event in engine.step():
+            if request is target:
+                tokens += event.tokens
+    assert urgent.num_output_tokens == 4 and preempted == [target]
+    got = [
+        (t.token_id, t.logprob, t.top_logprobs.logprobs if t.top_logprobs else None) for t in tokens
+    ]
+    assert got == alone
