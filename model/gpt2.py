@@ -38,6 +38,7 @@ class CausalSelfAttention(nn.Module):
         layer: int = 0,
         cache: KVCache | None = None,
         layout: BatchLayout | None = None,
+        per_query: InvariantAttention | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
@@ -60,11 +61,12 @@ class CausalSelfAttention(nn.Module):
             k_cache[layout.write_slots, :, layout.write_pos] = k[rows, cols]  # (N, nh, hs)
             v_cache[layout.write_slots, :, layout.write_pos] = v[rows, cols]  # (N, nh, hs)
             if self.batch_invariant and layout.row_slots is not None:
-                if layout.invariant_attention is None:  # laid out once for all layers
-                    layout.invariant_attention = InvariantAttention(
-                        layout.row_slots, layout.row_positions or [], k_cache.shape[2], q.device
+                if per_query is None:  # GPT.hidden_cached lays it out once for all layers
+                    positions = layout.row_positions or []
+                    per_query = InvariantAttention(
+                        layout.row_slots, positions, k_cache.shape[2], q.device
                     )
-                y = layout.invariant_attention(q, k_cache, v_cache)
+                y = per_query(q, k_cache, v_cache)
             else:
                 keys = k_cache[layout.read_slots, :, : layout.context_len]  # (B, nh, Lc, hs)
                 values = v_cache[layout.read_slots, :, : layout.context_len]  # (B, nh, Lc, hs)
@@ -103,8 +105,9 @@ class Block(nn.Module):
         layer: int = 0,
         cache: KVCache | None = None,
         layout: BatchLayout | None = None,
+        per_query: InvariantAttention | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), layer, cache, layout)
+        x = x + self.attn(self.ln_1(x), layer, cache, layout, per_query)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -190,8 +193,13 @@ class GPT(nn.Module):
         columns that are needed into logits.
         """
         x = self._embed(idx, layout.positions)  # (B, T, C)
-        for layer, block in enumerate(self.transformer.blocks):
-            x = block(x, layer, cache, layout)
+        blocks = self.transformer.blocks
+        per_query = None
+        if blocks and blocks[0].attn.batch_invariant and layout.row_slots is not None:
+            positions = layout.row_positions or []  # laid out once, used by every layer
+            per_query = InvariantAttention(layout.row_slots, positions, cache.max_seq_len, x.device)
+        for layer, block in enumerate(blocks):
+            x = block(x, layer, cache, layout, per_query)
         return self.transformer.ln_f(x)  # (B, T, C)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

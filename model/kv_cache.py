@@ -9,14 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from model.config import GPTConfig
-
-if TYPE_CHECKING:
-    from model.batch_invariant import InvariantAttention
 
 
 class KVCache:
@@ -79,8 +75,6 @@ class BatchLayout:
     last_index: torch.Tensor  # (B,) column of each row's last real token
     row_slots: list[int] | None = None  # the same as plain lists, for per-query attention
     row_positions: list[list[int]] | None = None  # positions of each row's real tokens
-    # Batch-invariant attention's layout of the queries: built by the first layer, shared.
-    invariant_attention: InvariantAttention | None = None
 
     @classmethod
     def build(
