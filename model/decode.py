@@ -30,6 +30,7 @@ from torch import nn
 from model.batch_invariant import InvariantAttention
 from model.gpt2 import GPT
 from model.kv_cache import KVCache
+from model.quantize import direct_forward
 
 
 @dataclass(frozen=True)
@@ -68,17 +69,17 @@ class DecodeStep:
         self.layers = [
             _Layer(
                 norm(block.ln_1),
-                block.attn.c_attn.forward,
-                block.attn.c_proj.forward,
+                direct_forward(block.attn.c_attn),
+                direct_forward(block.attn.c_proj),
                 norm(block.ln_2),
-                block.mlp.c_fc.forward,
-                block.mlp.c_proj.forward,
+                direct_forward(block.mlp.c_fc),
+                direct_forward(block.mlp.c_proj),
             )
             for block in transformer.blocks
         ]
         self.wte, self.wpe = transformer.wte.weight, transformer.wpe.weight
         self.ln_f = norm(transformer.ln_f)
-        self.head = model.lm_head.forward
+        self.head = direct_forward(model.lm_head)
         # Batch-invariant models attend per query, as their prompts do (the same bits).
         self.invariant = any(getattr(m, "batch_invariant", False) for m in model.modules())
 

@@ -9,7 +9,7 @@ from torch import nn
 from conftest import make_model
 from model.config import GPTConfig
 from model.generate import generate
-from model.quantize import apply_quantization
+from model.quantize import apply_quantization, direct_forward
 
 
 def test_quantize_replaces_every_linear_and_stays_close() -> None:
@@ -42,3 +42,15 @@ def test_serve_setting_loads_quantized_engine(tmp_path) -> None:
     assert not any(type(m) is nn.Linear for m in engine.engine.model.modules())
     with pytest.raises(ServeConfigError, match="float32"):
         load_engine(Settings(model=str(tmp_path), quantization="int8", dtype="bfloat16"))
+
+
+def test_direct_forward_is_the_int8_layers_own_result() -> None:
+    quantized = apply_quantization(make_model(seed=4), "int8")
+    layer = quantized.transformer.blocks[0].mlp.c_fc
+    direct = direct_forward(layer)
+    assert direct != layer.forward  # the kernel, called without torch.ao's wrapper
+    x = torch.randn(3, layer.in_features)
+    with torch.inference_mode():
+        assert torch.equal(direct(x), layer(x))
+    plain = nn.Linear(4, 2)
+    assert direct_forward(plain) == plain.forward
