@@ -5,7 +5,9 @@ MKL's GEMM for so few rows rereads the weights for every few rows, while oneDNN'
 weight packed once ahead of time reads them once. Measured on this project's 2-core machine, a
 gpt2 decode step (float32) went from 38 to 25 ms at batch 4, 53 to 30 ms at batch 8 and 67 to
 57 ms at batch 32; prompt chunks got 10% faster. At 1-3 rows MKL's matrix-vector kernels are
-faster, so those keep the plain weight.
+faster, so those keep the plain weight; where the plain weights are stored column-major for
+faster one-row steps (model.weight_layout), MKL is slow from 2 rows and the packed copy takes over
+from there. The row count is measured at start-up (model.kernel_choice).
 
 The packed copy costs a second copy of every linear weight (the tied head's included). Should a
 weight change after packing (a reload, an in-place update), the next call packs it again.
