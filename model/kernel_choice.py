@@ -7,15 +7,14 @@ slow). So instead of a fixed threshold, `choose_packed_min_rows` times the model
 layers (its distinct weights, as a decode step reads them) with both kernels at a few row
 counts, and returns the row count from which the packed kernel wins; before that,
 `choose_weight_layout` times one row on row-major and on column-major weights (see
-model.weight_layout), and `use_fastest_float32_kernels` applies both. `choose_int8_engine` does
-the same for the int8 kernels torch has (x86, fbgemm, oneDNN). Both only choose among kernels
-that compute the same function (float32 to float32, int8 to int8); a kernel missing from the
+model.weight_layout), and `use_fastest_float32_kernels` applies both. `choose_int8_engines` does
+the same for the int8 kernels torch has (x86, fbgemm, oneDNN), one for few rows and one for many.
+All only choose among kernels that compute the same function (float32 to float32, int8 to int8); a kernel missing from the
 torch build is simply not a candidate, and with none the plain path stays.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 import warnings
@@ -178,11 +177,31 @@ def use_fastest_float32_kernels(model: nn.Module, max_rows: int) -> KernelChoice
     return choice
 
 
-@torch.inference_mode()
-def choose_int8_engine(features: tuple[int, int] = (768, 3072)) -> str | None:
-    """The fastest of torch's int8 engines for a decode-shaped dynamic int8 linear, timed at 1 and
-    32 rows; None when torch has none to choose from (the current one stays)."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+@dataclass
+class Int8Choice:
+    """The int8 engines chosen: one for steps of few rows, one from `min_rows` rows on (None:
+    the few-row engine for every step), and the timings (ms per pass by rows, per engine)."""
+
+    few_rows: str
+    many_rows: str | None = None
+    min_rows: int | None = None
+    timings: dict[str, dict[int, float]] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One phrase for the start-up line."""
+        if self.many_rows is None or self.min_rows is None:
+            return f"int8 {self.few_rows}"
+        return f"int8 {self.few_rows} below {self.min_rows} rows, {self.many_rows} from {self.min_rows}"
+
+
+INT8_ROW_COUNTS = (1, 4, 8, 16, 32)
+
+
+def choose_int8_engines(model: nn.Module, max_rows: int) -> Int8Choice | None:
+    """Time the model's own linear layers, quantized for each of torch's int8 engines, at a few
+    row counts: the fastest at one row takes the few-row steps, the fastest at the most rows
+    probed the many-row ones, from the smallest count where it keeps winning. None when torch
+    has fewer than two engines to choose from (the current one stays)."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     supported = [
@@ -190,10 +209,10 @@ def choose_int8_engine(features: tuple[int, int] = (768, 3072)) -> str | None:
     ]
     if len(supported) < 2:
         return None
+    layers = _linears(model)
+    counts = [r for r in INT8_ROW_COUNTS if r <= max(1, max_rows)]
     original = torch.backends.quantized.engine
-    base = nn.Sequential(nn.Linear(*features), nn.Linear(features[1], features[0])).eval()
-    results: dict[str, float] = {}
-    one, many = torch.randn(1, features[0]), torch.randn(32, features[0])
+    timings: dict[str, dict[int, float]] = {}
     try:
         for engine in supported:
             torch.backends.quantized.engine = engine
@@ -201,25 +220,44 @@ def choose_int8_engine(features: tuple[int, int] = (768, 3072)) -> str | None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     quantized = quantize_dynamic(
-                        copy.deepcopy(base), {nn.Linear: per_channel_dynamic_qconfig}, torch.qint8
+                        nn.ModuleList(layers), {nn.Linear: per_channel_dynamic_qconfig}, torch.qint8
                     )
-                if any(isinstance(m, DynamicInt8Linear) for m in quantized.modules()):
-
-                    def probe(layers: nn.Module = quantized) -> None:
-                        layers(one)
-                        layers(many)
-
-                    results[engine] = _best_time(probe)
+                with torch.inference_mode():
+                    timings[engine] = {rows: _time_int8(quantized, rows) for rows in counts}
             except RuntimeError:  # an engine this CPU cannot run is not a candidate
                 continue
+            finally:
+                quantized = None  # one quantized copy at a time
     finally:
         torch.backends.quantized.engine = original
-    if not results:
+    if not timings:
         return None
-    best = min(results, key=results.__getitem__)
+    few = min(timings, key=lambda e: timings[e][1])
+    many = min(timings, key=lambda e: timings[e][counts[-1]])
+    choice = Int8Choice(few, timings=timings)
+    if many != few:
+        wins = [r for r in counts if timings[many][r] < timings[few][r]]
+        for rows in reversed(counts):  # the smallest count from which `many` keeps winning
+            if rows not in wins:
+                break
+            choice.many_rows, choice.min_rows = many, rows
     logger.info(
-        "int8 kernels: %s (ms per probe: %s)",
-        best,
-        ", ".join(f"{e} {t:.2f}" for e, t in results.items()),
+        "%s (ms by rows: %s)",
+        choice.describe(),
+        "; ".join(
+            f"{e} " + ", ".join(f"{r}: {t:.1f}" for r, t in by_rows.items())
+            for e, by_rows in timings.items()
+        ),
     )
-    return best
+    return choice
+
+
+def _time_int8(layers: nn.Module, rows: int) -> float:
+    shaped = [(layer, int(getattr(layer, "in_features"))) for layer in layers.children()]  # noqa: B009
+    inputs = {features: torch.randn(rows, features) for _, features in shaped}
+
+    def one_pass() -> None:
+        for layer, features in shaped:
+            layer(inputs[features])
+
+    return _best_time(one_pass)

@@ -9,7 +9,12 @@ import torch
 
 from conftest import make_model
 from model import kernel_choice
-from model.kernel_choice import KernelChoice, choose_int8_engine, choose_packed_min_rows
+from model.kernel_choice import (
+    Int8Choice,
+    KernelChoice,
+    choose_int8_engines,
+    choose_packed_min_rows,
+)
 from model.loading import save_checkpoint
 from model.packed_linear import PackedLinear, packing_available
 from service.api import loader
@@ -75,7 +80,36 @@ def test_flag_forces_the_row_count(tmp_path: Path) -> None:
     torch.testing.assert_close(logits, reference_logits(), rtol=0, atol=1e-4)
 
 
-def test_int8_engine_is_one_torch_has() -> None:
-    engine = choose_int8_engine((64, 256))
-    assert engine is None or engine in torch.backends.quantized.supported_engines
-    assert torch.backends.quantized.engine in torch.backends.quantized.supported_engines
+def test_int8_engines_are_ones_torch_has_and_timed_on_the_models_layers() -> None:
+    before = torch.backends.quantized.engine
+    choice = choose_int8_engines(make_model(), max_rows=8)
+    assert torch.backends.quantized.engine == before  # probing leaves the engine as it was
+    if choice is None:  # fewer than two engines in this build
+        return
+    supported = torch.backends.quantized.supported_engines
+    assert choice.few_rows in supported and set(choice.timings) <= set(supported)
+    assert all(sorted(t) == [1, 4, 8] for t in choice.timings.values())  # up to the batch size
+    assert choice.timings[choice.few_rows][1] == min(t[1] for t in choice.timings.values())
+    if choice.many_rows is not None:
+        assert choice.min_rows is not None and choice.many_rows in supported
+        wins = [r for r in (1, 4, 8) if r >= choice.min_rows]
+        assert all(
+            choice.timings[choice.many_rows][r] < choice.timings[choice.few_rows][r] for r in wins
+        )
+
+
+def test_int8_engines_follow_the_timings(monkeypatch: pytest.MonkeyPatch) -> None:
+    supported = torch.backends.quantized.supported_engines
+    if not {"x86", "onednn"} <= set(supported):
+        pytest.skip("needs torch's x86 and oneDNN int8 engines")
+    # per engine in probing order, rows 1, 4, 8, 16, 32: x86 wins up to 8, oneDNN from 16
+    fake = {"x86": [1.0, 2.0, 3.0, 9.0, 12.0], "onednn": [2.0, 3.0, 4.0, 5.0, 6.0]}
+    queue = [
+        t for e in ("x86", "fbgemm", "onednn") if e in supported for t in fake.get(e, [50.0] * 5)
+    ]
+    monkeypatch.setattr(kernel_choice, "_best_time", lambda run: queue.pop(0))
+    choice = choose_int8_engines(make_model(), max_rows=32)
+    assert choice is not None
+    assert (choice.few_rows, choice.many_rows, choice.min_rows) == ("x86", "onednn", 16)
+    assert choice.describe() == "int8 x86 below 16 rows, onednn from 16"
+    assert Int8Choice("x86").describe() == "int8 x86"

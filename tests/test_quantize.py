@@ -9,7 +9,7 @@ from torch import nn
 from conftest import make_model
 from model.config import GPTConfig
 from model.generate import generate
-from model.quantize import apply_quantization, direct_forward
+from model.quantize import RoutedInt8Linear, apply_quantization, direct_forward, route_int8_rows
 
 
 def test_quantize_replaces_every_linear_and_stays_close() -> None:
@@ -54,3 +54,35 @@ def test_direct_forward_is_the_int8_layers_own_result() -> None:
         assert torch.equal(direct(x), layer(x))
     plain = nn.Linear(4, 2)
     assert direct_forward(plain) == plain.forward
+
+
+@pytest.mark.skipif(
+    not {"x86", "onednn"} <= set(torch.backends.quantized.supported_engines),
+    reason="needs torch's x86 and oneDNN int8 engines",
+)
+def test_routed_layers_take_the_many_row_engine_from_min_rows() -> None:
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "x86"
+    try:
+        quantized = apply_quantization(make_model(seed=5), "int8")
+        layer = quantized.transformer.blocks[0].attn.c_attn
+        x_few, x_many = torch.randn(3, layer.in_features), torch.randn(5, layer.in_features)
+        with torch.inference_mode():
+            few_before, many_before = layer(x_few), layer(x_many)
+        expected = 4 * quantized.config.n_layer + 1  # every block's four, and the head
+        assert route_int8_rows(quantized, "onednn", min_rows=4) == expected
+        assert torch.backends.quantized.engine == "x86"
+        routed = quantized.transformer.blocks[0].attn.c_attn
+        assert isinstance(routed, RoutedInt8Linear) and routed.layer is layer
+        with torch.inference_mode():
+            assert torch.equal(routed(x_few), few_before)  # 3 rows: the x86 packing, as before
+            many = routed(x_many)  # 5 rows: oneDNN's packing of the same int8 weights
+            torch.testing.assert_close(many, many_before, rtol=0, atol=1e-3)
+            onednn = torch.ops.quantized.linear_dynamic(x_many, routed.many_rows_params, True)
+            assert torch.equal(many, onednn)
+            reference = make_model(seed=5)(torch.tensor([[5, 6, 7, 8, 9]]))
+            torch.testing.assert_close(
+                quantized(torch.tensor([[5, 6, 7, 8, 9]])), reference, rtol=0, atol=0.1
+            )
+    finally:
+        torch.backends.quantized.engine = before

@@ -14,12 +14,12 @@ from model.batch_invariant import (
 from model.gpt2 import GPT
 from model.kernel_choice import (
     PROBE_ROW_COUNTS,
-    choose_int8_engine,
+    choose_int8_engines,
     use_fastest_float32_kernels,
 )
 from model.loading import load_model
 from model.packed_linear import PACKABLE_DTYPES, pack_linears, packing_available
-from model.quantize import apply_quantization
+from model.quantize import apply_quantization, route_int8_rows
 from model.tokenizer import GPT2_ASSETS_DIR, Tokenizer
 from service.api.settings import Settings
 from service.engine.async_engine import AsyncEngine
@@ -114,10 +114,13 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
             raise ServeConfigError(
                 f"--quantization {settings.quantization} needs --device cpu and float32"
             )
-        int8_engine = choose_int8_engine()
-        if int8_engine is not None:
-            torch.backends.quantized.engine = int8_engine
+        # measured: the fastest int8 engine at one row and at many rows differ by CPU
+        int8 = choose_int8_engines(model, max(settings.max_batch_size, PROBE_ROW_COUNTS[-1]))
+        if int8 is not None:
+            torch.backends.quantized.engine = int8.few_rows
         model = apply_quantization(model, settings.quantization)
+        if int8 is not None and int8.many_rows is not None and int8.min_rows is not None:
+            route_int8_rows(model, int8.many_rows, int8.min_rows)
     elif settings.batch_invariant:
         if device.type != "cpu" or dtype != torch.float32:
             raise ServeConfigError("--batch-invariant needs --device cpu and float32 weights")

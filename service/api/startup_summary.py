@@ -12,8 +12,9 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
 from model.batch_invariant import InvariantLinear
-from model.kernel_choice import KernelChoice
+from model.kernel_choice import Int8Choice, KernelChoice
 from model.packed_linear import PackedLinear
+from model.quantize import RoutedInt8Linear
 from model.weight_layout import is_column_major
 
 MIB = 1024 * 1024
@@ -97,7 +98,11 @@ def quantization_of(model: nn.Module) -> str:
 def linear_kernels_of(model: nn.Module) -> str:
     """Which kernel the linear layers run on, as the start-up line says it."""
     if quantization_of(model) == "int8":
-        return f"int8 {torch.backends.quantized.engine}"
+        routed = [m for m in model.modules() if isinstance(m, RoutedInt8Linear)]
+        if routed:
+            few, many, rows = torch.backends.quantized.engine, routed[0].engine, routed[0].min_rows
+            return Int8Choice(few, many, rows).describe()
+        return Int8Choice(torch.backends.quantized.engine).describe()
     if any(isinstance(module, InvariantLinear) for module in model.modules()):
         return "oneDNN packed at every row count, batch-invariant"
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
