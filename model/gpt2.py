@@ -60,12 +60,7 @@ class CausalSelfAttention(nn.Module):
             rows, cols = layout.write_rows, layout.write_cols
             k_cache[layout.write_slots, :, layout.write_pos] = k[rows, cols]  # (N, nh, hs)
             v_cache[layout.write_slots, :, layout.write_pos] = v[rows, cols]  # (N, nh, hs)
-            if self.batch_invariant and layout.row_slots is not None:
-                if per_query is None:  # GPT.hidden_cached lays it out once for all layers
-                    positions = layout.row_positions or []
-                    per_query = InvariantAttention(
-                        layout.row_slots, positions, k_cache.shape[2], q.device
-                    )
+            if per_query is not None:  # batch-invariant: laid out by GPT.hidden_cached
                 y = per_query(q, k_cache, v_cache)
             else:
                 keys = k_cache[layout.read_slots, :, : layout.context_len]  # (B, nh, Lc, hs)

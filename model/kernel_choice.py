@@ -9,8 +9,9 @@ counts, and returns the row count from which the packed kernel wins; before that
 `choose_weight_layout` times one row on row-major and on column-major weights (see
 model.weight_layout), and `use_fastest_float32_kernels` applies both. `choose_int8_engines` does
 the same for the int8 kernels torch has (x86, fbgemm, oneDNN), one for few rows and one for many.
-All only choose among kernels that compute the same function (float32 to float32, int8 to int8); a kernel missing from the
-torch build is simply not a candidate, and with none the plain path stays.
+All only choose among kernels that compute the same function (float32 to float32, int8 to
+int8); a kernel missing from the torch build is simply not a candidate, and with none the plain
+path stays.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.packed_linear import PACK_BATCH_HINT, pack_linears, packing_available
-from model.weight_layout import linear_weights, set_column_major
+from model.weight_layout import linear_layers, linear_weights, set_column_major
 
 logger = logging.getLogger(__name__)
 
@@ -63,18 +65,6 @@ def _best_time(run: Callable[[], object]) -> float:
     return best * 1000
 
 
-def _linears(model: nn.Module) -> list[nn.Linear]:
-    """The model's linear layers, each weight once (a tied head counts once)."""
-    seen: set[int] = set()
-    layers = []
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and id(module.weight) not in seen:
-            seen.add(id(module.weight))
-            layers.append(module)
-    return layers
-
-
-@torch.inference_mode()
 def choose_packed_min_rows(
     model: nn.Module, max_rows: int, row_counts: tuple[int, ...] = PROBE_ROW_COUNTS
 ) -> KernelChoice:
@@ -82,7 +72,7 @@ def choose_packed_min_rows(
     kernel is used from the smallest probed row count from which it wins at every larger one."""
     if not packing_available():
         return KernelChoice(None, reason="this torch build has no oneDNN linear ops")
-    layers = _linears(model)
+    layers = linear_layers(model)
     if not layers or any(
         layer.weight.dtype != torch.float32 or layer.weight.device.type != "cpu" for layer in layers
     ):
@@ -129,7 +119,7 @@ def choose_weight_layout(model: nn.Module) -> tuple[bool, float, float]:
     """Time one row through the model's float32 linears with the weights row-major, then
     column-major (model.weight_layout), and leave them in the faster layout. Returns whether
     that is column-major, and both timings (ms). In place: no second copy of the weights."""
-    layers = _linears(model)
+    layers = linear_layers(model)
     inputs = {layer.in_features: torch.randn(1, layer.in_features) for layer in layers}
 
     def one_row() -> None:
@@ -191,7 +181,8 @@ class Int8Choice:
         """One phrase for the start-up line."""
         if self.many_rows is None or self.min_rows is None:
             return f"int8 {self.few_rows}"
-        return f"int8 {self.few_rows} below {self.min_rows} rows, {self.many_rows} from {self.min_rows}"
+        few, many, rows = self.few_rows, self.many_rows, self.min_rows
+        return f"int8 {few} below {rows} rows, {many} from {rows}"
 
 
 INT8_ROW_COUNTS = (1, 4, 8, 16, 32)
@@ -202,32 +193,22 @@ def choose_int8_engines(model: nn.Module, max_rows: int) -> Int8Choice | None:
     row counts: the fastest at one row takes the few-row steps, the fastest at the most rows
     probed the many-row ones, from the smallest count where it keeps winning. None when torch
     has fewer than two engines to choose from (the current one stays)."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
     supported = [
         e for e in ("x86", "fbgemm", "onednn") if e in torch.backends.quantized.supported_engines
     ]
     if len(supported) < 2:
         return None
-    layers = _linears(model)
+    layers = linear_layers(model)
     counts = [r for r in INT8_ROW_COUNTS if r <= max(1, max_rows)]
     original = torch.backends.quantized.engine
     timings: dict[str, dict[int, float]] = {}
     try:
         for engine in supported:
             torch.backends.quantized.engine = engine
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    quantized = quantize_dynamic(
-                        nn.ModuleList(layers), {nn.Linear: per_channel_dynamic_qconfig}, torch.qint8
-                    )
-                with torch.inference_mode():
-                    timings[engine] = {rows: _time_int8(quantized, rows) for rows in counts}
+            try:  # one quantized copy at a time: each is dropped when its timing returns
+                timings[engine] = _time_int8(layers, counts)
             except RuntimeError:  # an engine this CPU cannot run is not a candidate
                 continue
-            finally:
-                quantized = None  # one quantized copy at a time
     finally:
         torch.backends.quantized.engine = original
     if not timings:
@@ -252,12 +233,24 @@ def choose_int8_engines(model: nn.Module, max_rows: int) -> Int8Choice | None:
     return choice
 
 
-def _time_int8(layers: nn.Module, rows: int) -> float:
-    shaped = [(layer, int(getattr(layer, "in_features"))) for layer in layers.children()]  # noqa: B009
-    inputs = {features: torch.randn(rows, features) for _, features in shaped}
+def _time_int8(layers: list[nn.Linear], counts: list[int]) -> dict[int, float]:
+    """The layers quantized for the current int8 engine: ms per pass at each row count."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    def one_pass() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = quantize_dynamic(
+            nn.ModuleList(layers), {nn.Linear: per_channel_dynamic_qconfig}, torch.qint8
+        )
+    shaped = [(q, layer.in_features) for q, layer in zip(quantized, layers, strict=True)]
+
+    def one_pass(inputs: dict[int, torch.Tensor]) -> None:
         for layer, features in shaped:
             layer(inputs[features])
 
-    return _best_time(one_pass)
+    timings: dict[int, float] = {}
+    with torch.inference_mode():
+        for rows in counts:
+            inputs = {features: torch.randn(rows, features) for _, features in shaped}
+            timings[rows] = _best_time(partial(one_pass, inputs))
+    return timings

@@ -25,13 +25,18 @@ def is_column_major(weight: torch.Tensor) -> bool:
     return weight.dim() == 2 and weight.t().is_contiguous() and not weight.is_contiguous()
 
 
-def linear_weights(model: nn.Module) -> list[torch.Tensor]:
-    """The weights of the model's linear layers, each once (a tied head counts once)."""
-    seen: dict[int, torch.Tensor] = {}
+def linear_layers(model: nn.Module) -> list[nn.Linear]:
+    """The model's linear layers, each weight once (a tied head counts once)."""
+    seen: dict[int, nn.Linear] = {}
     for module in model.modules():
         if isinstance(module, nn.Linear):
-            seen.setdefault(id(module.weight), module.weight)
+            seen.setdefault(id(module.weight), module)
     return list(seen.values())
+
+
+def linear_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The weights of the model's linear layers, each once."""
+    return [layer.weight for layer in linear_layers(model)]
 
 
 def set_column_major(model: nn.Module, column_major: bool = True) -> int:

@@ -104,6 +104,9 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
     if device.type == "cpu":
         # after loading, so the checkpoint's transient copies are given back to the system first
         keep_freed_memory()
+    # Kernels are timed up to this many rows: prompt chunks and speculative checks have many
+    # rows whatever the batch cap.
+    probe_rows = max(settings.max_batch_size, PROBE_ROW_COUNTS[-1])
     if settings.quantization != "none":
         if settings.batch_invariant:
             raise ServeConfigError(
@@ -115,7 +118,7 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
                 f"--quantization {settings.quantization} needs --device cpu and float32"
             )
         # measured: the fastest int8 engine at one row and at many rows differ by CPU
-        int8 = choose_int8_engines(model, max(settings.max_batch_size, PROBE_ROW_COUNTS[-1]))
+        int8 = choose_int8_engines(model, probe_rows)
         if int8 is not None:
             torch.backends.quantized.engine = int8.few_rows
         model = apply_quantization(model, settings.quantization)
@@ -135,8 +138,7 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
         elif settings.packed_min_rows is not None:  # forced: row-major weights, as always
             pack_linears(model, settings.packed_min_rows)
         else:  # measured: the one-row layout and where oneDNN starts to win depend on the CPU
-            # Prompt chunks and speculative checks have many rows whatever the batch cap.
-            use_fastest_float32_kernels(model, max(settings.max_batch_size, PROBE_ROW_COUNTS[-1]))
+            use_fastest_float32_kernels(model, probe_rows)
     if loaded.tokenizer_dir is not None:
         tokenizer = Tokenizer.for_model_dir(loaded.tokenizer_dir)
     else:
