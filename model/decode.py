@@ -103,6 +103,7 @@ class DecodeStep:
         device = self.wte.device
         config = self.model.config
         width, num_heads, head_dim = config.n_embd, config.n_head, config.head_dim
+        kv_dtype = cache.k.dtype
         tokens = torch.tensor(token_ids, device=device)
         where = torch.tensor(positions, device=device)
         x = self.wte[tokens] + self.wpe[where]  # (B, C)
@@ -125,16 +126,16 @@ class DecodeStep:
             query, key, value = qkv.unbind(1)  # each (B, nh, hs)
             k_cache, v_cache = cache.k[index], cache.v[index]  # (S, nh, M, hs)
             if count == 1:
-                k_cache[slot, :, position] = key[0]
-                v_cache[slot, :, position] = value[0]
+                k_cache[slot, :, position] = key[0].to(kv_dtype)
+                v_cache[slot, :, position] = value[0].to(kv_dtype)
             else:
-                k_cache[slot_index, :, where] = key
-                v_cache[slot_index, :, where] = value
+                k_cache[slot_index, :, where] = key.to(kv_dtype)
+                v_cache[slot_index, :, where] = value.to(kv_dtype)
             if per_query is not None:
                 attended = per_query(query.unsqueeze(2), k_cache, v_cache)  # (B, nh, 1, hs)
             elif count == 1:  # a row alone attends over exactly its keys: no mask
                 attended = F.scaled_dot_product_attention(
-                    query.unsqueeze(2),
+                    query.unsqueeze(2).to(kv_dtype),  # a 16-bit cache: SDPA in its dtype
                     k_cache[slot, :, : position + 1][None],  # (1, nh, L, hs)
                     v_cache[slot, :, : position + 1][None],
                 )  # (1, nh, 1, hs)
@@ -142,12 +143,12 @@ class DecodeStep:
                 attended = plan.attend(query, k_cache, v_cache)  # (B, nh, hs)
             else:
                 attended = F.scaled_dot_product_attention(
-                    query.unsqueeze(2),
+                    query.unsqueeze(2).to(kv_dtype),
                     k_cache[read, :, :context],  # (B, nh, L, hs)
                     v_cache[read, :, :context],
                     attn_mask=mask,
                 )  # (B, nh, 1, hs)
-            x = x + layer.out(attended.reshape(count, width))
+            x = x + layer.out(attended.reshape(count, width).to(x.dtype))
             x = x + self._mlp(layer, x, width)
         return self.head(F.layer_norm(x, (width,), *self.ln_f))  # (B, vocab)
 
@@ -178,15 +179,15 @@ class DecodeStep:
             qkv = layer.qkv(hidden).view(count, 3, num_heads, head_dim)
             query, key, value = qkv.unbind(1)  # each (T, nh, hs)
             k_cache, v_cache = cache.k[index], cache.v[index]  # (S, nh, M, hs)
-            k_cache[slot, :, position:end] = key.transpose(0, 1)
-            v_cache[slot, :, position:end] = value.transpose(0, 1)
+            k_cache[slot, :, position:end] = key.transpose(0, 1).to(k_cache.dtype)
+            v_cache[slot, :, position:end] = value.transpose(0, 1).to(v_cache.dtype)
             attended = F.scaled_dot_product_attention(
-                query.transpose(0, 1)[None],
+                query.transpose(0, 1)[None].to(k_cache.dtype),
                 k_cache[slot, :, :end][None],
                 v_cache[slot, :, :end][None],
                 attn_mask=mask,
             )  # (1, nh, T, hs)
-            x = x + layer.out(attended[0].transpose(0, 1).reshape(count, width))
+            x = x + layer.out(attended[0].transpose(0, 1).reshape(count, width).to(x.dtype))
             x = x + self._mlp(layer, x, width)
         return self.head(F.layer_norm(x, (width,), *self.ln_f))  # (T, vocab)
 
@@ -249,26 +250,32 @@ class _SharedPlan:
         out = torch.empty_like(query)
         if self.rest is not None:
             rows, read, end, mask = self.rest
-            out[rows] = F.scaled_dot_product_attention(
-                query[rows].unsqueeze(2),
-                k_cache[read, :, :end],
-                v_cache[read, :, :end],
-                attn_mask=mask,
-            ).squeeze(2)
+            out[rows] = (
+                F.scaled_dot_product_attention(
+                    query[rows].unsqueeze(2).to(k_cache.dtype),
+                    k_cache[read, :, :end],
+                    v_cache[read, :, :end],
+                    attn_mask=mask,
+                )
+                .squeeze(2)
+                .to(query.dtype)
+            )
         scale = 1.0 / math.sqrt(query.shape[-1])
+        dtype = query.dtype  # a 16-bit cache's keys and values are widened to it here
         for slot, length, (rows, read, end, mask) in self.groups:
             q = query[rows]  # (R, nh, hs)
-            prefix_scores = torch.matmul(q.transpose(0, 1), k_cache[slot, :, :length].mT)
-            own_keys = k_cache[read, :, length:end]  # (R, nh, L, hs)
+            prefix_keys = k_cache[slot, :, :length].to(dtype)  # (nh, P, hs)
+            prefix_scores = torch.matmul(q.transpose(0, 1), prefix_keys.mT)
+            own_keys = k_cache[read, :, length:end].to(dtype)  # (R, nh, L, hs)
             own_scores = torch.matmul(q.unsqueeze(2), own_keys.mT).squeeze(2)  # (R, nh, L)
             own_scores = own_scores.masked_fill(~mask[:, 0], float("-inf"))
             scores = torch.cat([prefix_scores.transpose(0, 1), own_scores], dim=2) * scale
             weights = torch.softmax(scores, dim=-1)  # (R, nh, P + L)
             attended = torch.matmul(
-                weights[:, :, :length].transpose(0, 1), v_cache[slot, :, :length]
+                weights[:, :, :length].transpose(0, 1), v_cache[slot, :, :length].to(dtype)
             ).transpose(0, 1)  # (R, nh, hs)
             attended += torch.matmul(
-                weights[:, :, length:].unsqueeze(2), v_cache[read, :, length:end]
+                weights[:, :, length:].unsqueeze(2), v_cache[read, :, length:end].to(dtype)
             ).squeeze(2)
             out[rows] = attended
         return out

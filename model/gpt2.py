@@ -58,14 +58,17 @@ class CausalSelfAttention(nn.Module):
             k_cache, v_cache = cache.k[layer], cache.v[layer]  # (S, nh, M, hs)
             # Only real tokens are written, so padding never overwrites a neighbour's entry.
             rows, cols = layout.write_rows, layout.write_cols
-            k_cache[layout.write_slots, :, layout.write_pos] = k[rows, cols]  # (N, nh, hs)
-            v_cache[layout.write_slots, :, layout.write_pos] = v[rows, cols]  # (N, nh, hs)
+            # (N, nh, hs), stored in the cache's dtype (a 16-bit cache rounds them)
+            k_cache[layout.write_slots, :, layout.write_pos] = k[rows, cols].to(k_cache.dtype)
+            v_cache[layout.write_slots, :, layout.write_pos] = v[rows, cols].to(v_cache.dtype)
             if per_query is not None:  # batch-invariant: laid out by GPT.hidden_cached
                 y = per_query(q, k_cache, v_cache)
             else:
                 keys = k_cache[layout.read_slots, :, : layout.context_len]  # (B, nh, Lc, hs)
                 values = v_cache[layout.read_slots, :, : layout.context_len]  # (B, nh, Lc, hs)
-                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=layout.attn_mask)
+                y = F.scaled_dot_product_attention(
+                    q.to(keys.dtype), keys, values, attn_mask=layout.attn_mask
+                ).to(q.dtype)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads concatenated
         return self.resid_dropout(self.c_proj(y))
 

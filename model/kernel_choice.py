@@ -11,7 +11,8 @@ model.weight_layout), and `use_fastest_float32_kernels` applies both. `choose_in
 the same for the int8 kernels torch has (x86, fbgemm, oneDNN), one for few rows and one for many.
 All only choose among kernels that compute the same function (float32 to float32, int8 to
 int8); a kernel missing from the torch build is simply not a candidate, and with none the plain
-path stays.
+path stays. The one choice that changes results, a bfloat16 KV cache
+(`choose_kv_cache_dtype`), is made only where the logits are approximate anyway (int8 weights).
 """
 
 from __future__ import annotations
@@ -254,3 +255,59 @@ def _time_int8(layers: list[nn.Linear], counts: list[int]) -> dict[int, float]:
             inputs = {features: torch.randn(rows, features) for _, features in shaped}
             timings[rows] = _best_time(partial(one_pass, inputs))
     return timings
+
+
+KV_PROBE_ROWS = 32  # a full batch of decode rows, where attention's share of a step is largest
+KV_PROBE_KEYS = 256
+KV_PROBE_LAYERS = 4  # distinct keys and values, so they are read from memory as in a step
+KV_MIN_GAIN = 0.9  # bfloat16 is taken only when it needs under 90% of float32's time
+
+
+@dataclass
+class KVCacheChoice:
+    """The KV cache's dtype chosen ("auto": the model's), and the timings it came from (ms of
+    a batched decode step's attention, by dtype)."""
+
+    dtype: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def choose_kv_cache_dtype(n_head: int, head_dim: int) -> KVCacheChoice:
+    """Time a batched decode step's attention over float32 and over bfloat16 keys and values,
+    shaped as the model's cache holds them: bfloat16 when it is clearly faster on this CPU
+    (it reads half the bytes; on CPUs without bfloat16 instructions the conversion can cost
+    more than that saves). For models whose logits are not bit-exact anyway."""
+    timings: dict[str, float] = {}
+    rows, keys = KV_PROBE_ROWS, KV_PROBE_KEYS
+    generator = torch.Generator().manual_seed(0)
+    positions = torch.arange(rows) % 8 + keys - 8  # rows at different positions, as in a batch
+    mask = (torch.arange(keys)[None, :] <= positions[:, None])[:, None, None, :]
+    query = torch.randn(rows, n_head, 1, head_dim, generator=generator)
+    shape = (rows, n_head, keys, head_dim)
+    with torch.inference_mode():
+        for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+            cache = [
+                (torch.full(shape, 0.5, dtype=dtype), torch.full(shape, 0.25, dtype=dtype))
+                for _ in range(KV_PROBE_LAYERS)
+            ]
+            try:
+                timings[name] = _best_time(partial(_attend, query.to(dtype), cache, mask))
+            except RuntimeError:  # no bfloat16 attention on this build
+                break
+            del cache
+    faster = "bfloat16" in timings and timings["bfloat16"] < KV_MIN_GAIN * timings["float32"]
+    choice = KVCacheChoice("bfloat16" if faster else "auto", timings)
+    logger.info(
+        "KV cache %s (ms of a %d-row step's attention: %s)",
+        "bfloat16" if faster else "in the model's dtype",
+        rows,
+        ", ".join(f"{name} {ms:.1f}" for name, ms in timings.items()),
+    )
+    return choice
+
+
+def _attend(
+    query: torch.Tensor, cache: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor
+) -> None:
+    for keys, values in cache:
+        F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)

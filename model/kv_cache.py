@@ -3,6 +3,11 @@
 Each request owns one slot for its lifetime; a forward call can mix rows of different slots,
 each at its own position. `BatchLayout` turns a batch's plain-Python description (slot, start
 position and number of new tokens per row) into the index tensors every layer reuses.
+
+The cache may hold keys and values in a 16-bit dtype under a float32 model (`kv_cache_dtype`):
+half the memory, and half the bytes that batched decode steps read for attention, which on a
+CPU is most of a long-context step's non-matmul time. The model then rounds each key and value
+as it stores them and attends in the cache's dtype, so its logits are no longer bit-exact.
 """
 
 from __future__ import annotations
@@ -13,6 +18,25 @@ from dataclasses import dataclass
 import torch
 
 from model.config import GPTConfig
+
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a model's KV cache by name: "auto" is the model's own dtype; another one is
+    for float32 models (a 16-bit model's cache is in its own dtype)."""
+    if name == "auto":
+        return model_dtype
+    if name not in _DTYPES:
+        raise ValueError(f"unknown KV cache dtype {name!r}; choose one of {KV_CACHE_DTYPES}")
+    dtype = _DTYPES[name]
+    if model_dtype != torch.float32 and dtype != model_dtype:
+        raise ValueError(
+            f"a {str(model_dtype).removeprefix('torch.')} model keeps its KV cache in its own "
+            f"dtype (kv_cache_dtype auto); a {name} cache is for float32 models"
+        )
+    return dtype
 
 
 class KVCache:

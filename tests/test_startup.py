@@ -82,8 +82,23 @@ def test_summarise_model_size_and_limits_in_one_line() -> None:
         assert part in line
     for part in ("packed weights off", "threads", "context 1024 tokens", "3 batch slots"):
         assert part in line
-    assert "KV cache 1.5 MiB" in line and "queue 7" in line
+    assert "KV cache 1.5 MiB, queue 7" in line  # no dtype named: the model's
+    assert summary.kv_cache_dtype == "float32"
     assert json.loads(json.dumps(summary.fields()))["kv_cache_bytes"] == summary.kv_cache_bytes
+
+
+def test_summary_names_a_kv_cache_dtype_other_than_the_models() -> None:
+    engine = LLMEngine(
+        make_tiny_model(),
+        Tokenizer.default(),
+        EngineConfig(max_batch_size=3, max_queue_size=7, kv_cache_dtype="bfloat16"),
+    )
+    summary = summary_of(AsyncEngine(engine))
+    assert summary.kv_cache_dtype == "bfloat16"
+    assert "KV cache 0.8 MiB bfloat16, queue 7" in summary.message()  # half of 1.5 MiB
+    with pytest.raises(SystemExit):
+        parse("--kv-cache-dtype", "fp8")
+    assert parse("--kv-cache-dtype", "float16").kv_cache_dtype == "float16"
 
 
 def test_summary_says_int8_and_packed_weights() -> None:

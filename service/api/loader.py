@@ -15,8 +15,10 @@ from model.gpt2 import GPT
 from model.kernel_choice import (
     PROBE_ROW_COUNTS,
     choose_int8_engines,
+    choose_kv_cache_dtype,
     use_fastest_float32_kernels,
 )
+from model.kv_cache import kv_cache_dtype as kv_cache_dtype_of
 from model.loading import load_model
 from model.packed_linear import PACKABLE_DTYPES, pack_linears, packing_available
 from model.quantize import apply_quantization, route_int8_rows
@@ -72,8 +74,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def engine_config(settings: Settings, device: torch.device) -> EngineConfig:
-    """The engine's limits from the deployment's settings (fast decode only on CUDA)."""
+def engine_config(
+    settings: Settings, device: torch.device, kv_cache_dtype: str | None = None
+) -> EngineConfig:
+    """The engine's limits from the deployment's settings (fast decode only on CUDA);
+    `kv_cache_dtype`, when given, is what the start-up chose for the setting's `auto`."""
     fast_decode = settings.fast_decode
     if fast_decode and device.type != "cuda":
         logger.warning("--fast-decode captures CUDA graphs; on %s it is off", device.type)
@@ -89,6 +94,7 @@ def engine_config(settings: Settings, device: torch.device) -> EngineConfig:
         reuse_prefixes=settings.prefix_caching,
         speculative_method=settings.speculative_method,
         num_speculative_tokens=settings.num_speculative_tokens,
+        kv_cache_dtype=kv_cache_dtype or settings.kv_cache_dtype,
     )
 
 
@@ -97,6 +103,15 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
     spec = resolve_model_spec(settings.model)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
+    try:  # before the weights load: a combination that cannot run fails at once
+        cache_dtype = kv_cache_dtype_of(settings.kv_cache_dtype, dtype)
+    except ValueError as exc:
+        raise ServeConfigError(f"--kv-cache-dtype: {exc}") from exc
+    if settings.batch_invariant and cache_dtype != torch.float32:
+        raise ServeConfigError(
+            "--batch-invariant keeps a float32 KV cache (its attention is proved bit-exact on "
+            f"float32 keys and values), not {settings.kv_cache_dtype}"
+        )
     logger.info("loading %s on %s as %s", spec, device, str(dtype).removeprefix("torch."))
     loaded = load_model(spec, device, dtype)
     model = loaded.model
@@ -107,6 +122,7 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
     # Kernels are timed up to this many rows: prompt chunks and speculative checks have many
     # rows whatever the batch cap.
     probe_rows = max(settings.max_batch_size, PROBE_ROW_COUNTS[-1])
+    kv_cache_dtype: str = settings.kv_cache_dtype
     if settings.quantization != "none":
         if settings.batch_invariant:
             raise ServeConfigError(
@@ -124,6 +140,8 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
         model = apply_quantization(model, settings.quantization)
         if int8 is not None and int8.many_rows is not None and int8.min_rows is not None:
             route_int8_rows(model, int8.many_rows, int8.min_rows)
+        if kv_cache_dtype == "auto":  # measured: int8's logits are approximate already
+            kv_cache_dtype = choose_kv_cache_dtype(model.config.n_head, model.config.head_dim).dtype
     elif settings.batch_invariant:
         if device.type != "cpu" or dtype != torch.float32:
             raise ServeConfigError("--batch-invariant needs --device cpu and float32 weights")
@@ -144,7 +162,8 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
     else:
         tokenizer = Tokenizer.default()
     draft = load_draft_model(settings, model, device, dtype)
-    engine = LLMEngine(model, tokenizer, engine_config(settings, device), draft_model=draft)
+    config = engine_config(settings, device, kv_cache_dtype)
+    engine = LLMEngine(model, tokenizer, config, draft_model=draft)
     release_openmp_threads()  # loading ran here; the steps will run on the engine thread
     default_name = BUNDLED_MODEL_NAME if settings.model is None else loaded.name
     return serve_engine(engine, settings), settings.served_model_name or default_name

@@ -105,6 +105,14 @@ class Settings(BaseSettings):
         description="the draft model for --speculative-method draft: a smaller model with the "
         "same vocabulary (folder, checkpoint or Hub name)",
     )
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="keys and values of the KV cache: auto is the model's dtype, except with "
+        "--quantization int8, where it is bfloat16 if the start-up measures batched attention "
+        "faster so; bfloat16 or float16 under a float32 model halve the cache's memory and the "
+        "bytes batched decode steps read for attention (on CPU only bfloat16 also runs faster), "
+        "for logits no longer bit-exact",
+    )
     prefix_caching: bool = Field(
         default=True,
         description="start a prompt from the longest prefix still cached in a KV-cache slot "

@@ -41,6 +41,7 @@ class StartupSummary:
     context_window: int  # tokens
     batch_slots: int
     kv_cache_bytes: int
+    kv_cache_dtype: str  # the keys' and values' dtype (the model's unless set otherwise)
     max_queue: int
 
     def message(self) -> str:
@@ -50,6 +51,7 @@ class StartupSummary:
         else:
             source = f"{self.model_source} {self.model_path}"
         pages = f"docs at {self.docs_url}"
+        kv_dtype = "" if self.kv_cache_dtype == self.dtype else f" {self.kv_cache_dtype}"
         if self.playground_url:
             pages = f"playground at {self.playground_url}, {pages}"
         return (
@@ -61,7 +63,7 @@ class StartupSummary:
             f"batch-invariant {'on' if self.batch_invariant else 'off'}, "
             f"{self.num_threads} threads; "
             f"context {self.context_window} tokens, {self.batch_slots} batch slots, "
-            f"KV cache {self.kv_cache_bytes / MIB:.1f} MiB, queue {self.max_queue}"
+            f"KV cache {self.kv_cache_bytes / MIB:.1f} MiB{kv_dtype}, queue {self.max_queue}"
         )
 
     def fields(self) -> dict[str, object]:
@@ -154,5 +156,6 @@ def startup_summary(app: FastAPI, host: str, port: int) -> StartupSummary:
         context_window=engine.max_model_len,
         batch_slots=engine.config.max_batch_size,
         kv_cache_bytes=engine.runner.cache.num_bytes,
+        kv_cache_dtype=str(engine.runner.cache.k.dtype).removeprefix("torch."),
         max_queue=engine.config.max_queue_size,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from model.kv_cache import KV_CACHE_DTYPES
 from model.validation import is_int
 
 
@@ -25,6 +26,9 @@ class EngineConfig:
     num_speculative_tokens: int = 3  # guesses checked per step
     ngram_max: int = 4  # prompt lookup matches the last ngram_max .. ngram_min tokens
     ngram_min: int = 1
+    # keys and values in the model's dtype (auto), or float32 / bfloat16 / float16 under a
+    # float32 model
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_prefill_tokens"):
@@ -41,6 +45,11 @@ class EngineConfig:
             )
         if self.num_speculative_tokens < 1 or not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError("num_speculative_tokens must be >= 1 and 1 <= ngram_min <= ngram_max")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                f"got {self.kv_cache_dtype!r}"
+            )
         if self.max_queue_size < 0:
             raise ValueError(f"max_queue_size must be >= 0, got {self.max_queue_size}")
         if self.max_model_len is not None and self.max_model_len < 2:

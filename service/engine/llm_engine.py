@@ -88,6 +88,7 @@ class LLMEngine:
             fast_decode=self.config.fast_decode,
             speculator=speculator,
             share_prefixes=self.config.reuse_prefixes,
+            kv_cache_dtype=self.config.kv_cache_dtype,
         )
         self.output_processor = OutputProcessor(tokenizer, tokenizer.eos_token_id)
         self.stats = EngineStats()

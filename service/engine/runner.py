@@ -9,6 +9,7 @@ import torch
 from model.decode import DecodeStep, SharedPrefix
 from model.gpt2 import GPT
 from model.kv_cache import BatchLayout, KVCache
+from model.kv_cache import kv_cache_dtype as kv_cache_dtype_of
 from model.sampling import SamplerOutput, SamplingState, sample
 from model.speculative import verify
 from service.engine.decode_graphs import DecodeGraphs
@@ -60,6 +61,7 @@ class ModelRunner:
         fast_decode: bool = False,
         speculator: Speculator | None = None,
         share_prefixes: bool = False,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         self.model = model
         self.device = model.device
@@ -70,11 +72,15 @@ class ModelRunner:
         self.vocab_size = vocab_size or model.config.vocab_size
         # The fast path pads batches with rows that write to a scratch slot nobody owns.
         cache_slots = num_slots + 1 if fast_decode else num_slots
-        self.cache = KVCache(model.config, cache_slots, max_model_len, self.device, self.dtype)
-        self._states: dict[str, SamplingState] = {}
-        self.speculator = speculator
         self.decode_step = DecodeStep(model)
         self.is_batch_invariant = self.decode_step.invariant
+        cache_dtype = kv_cache_dtype_of(kv_cache_dtype, self.dtype)
+        if self.is_batch_invariant and cache_dtype != self.dtype:
+            # its per-query attention is proved bit-exact on float32 keys and values
+            raise ValueError("a batch-invariant model keeps its KV cache in float32")
+        self.cache = KVCache(model.config, cache_slots, max_model_len, self.device, cache_dtype)
+        self._states: dict[str, SamplingState] = {}
+        self.speculator = speculator
         # Decode rows with a long common prompt prefix read its keys and values once; the groups
         # are found again only when the batch (its requests and their slots) changes.
         self.share_prefixes = share_prefixes
