@@ -95,9 +95,11 @@ class DecodeStep:
 
         Each row's key and value are written to the cache before it attends, as in
         forward_cached. The rows of each `shared` group read their common prefix's keys and
-        values once (see SharedPrefix); the logits agree with those without it to float rounding.
-        A batch-invariant model ignores `shared`: its rows attend per query, each over its own
-        slot, for the same bits as its prompts.
+        values once (see SharedPrefix); the logits agree with those without it to float rounding
+        (with a 16-bit cache, to its rounding: grouped rows attend in the model's dtype over the
+        widened keys, the others in the cache's dtype). A batch-invariant model ignores
+        `shared`: its rows attend per query, each over its own slot, for the same bits as its
+        prompts.
         """
         count = len(token_ids)
         device = self.wte.device

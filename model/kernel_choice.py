@@ -257,7 +257,7 @@ def _time_int8(layers: list[nn.Linear], counts: list[int]) -> dict[int, float]:
     return timings
 
 
-KV_PROBE_ROWS = 32  # a full batch of decode rows, where attention's share of a step is largest
+KV_PROBE_ROWS = 32  # decode rows probed at most: attention's share of a step grows with them
 KV_PROBE_KEYS = 256
 KV_PROBE_LAYERS = 4  # distinct keys and values, so they are read from memory as in a step
 KV_MIN_GAIN = 0.9  # bfloat16 is taken only when it needs under 90% of float32's time
@@ -272,13 +272,14 @@ class KVCacheChoice:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def choose_kv_cache_dtype(n_head: int, head_dim: int) -> KVCacheChoice:
-    """Time a batched decode step's attention over float32 and over bfloat16 keys and values,
-    shaped as the model's cache holds them: bfloat16 when it is clearly faster on this CPU
-    (it reads half the bytes; on CPUs without bfloat16 instructions the conversion can cost
-    more than that saves). For models whose logits are not bit-exact anyway."""
+def choose_kv_cache_dtype(n_head: int, head_dim: int, rows: int = KV_PROBE_ROWS) -> KVCacheChoice:
+    """Time a decode step's attention for `rows` rows (the batch cap, up to 32) over float32
+    and over bfloat16 keys and values, shaped as the model's cache holds them: bfloat16 when it
+    is clearly faster on this CPU (it reads half the bytes; on CPUs without bfloat16
+    instructions the conversion can cost more than that saves). For models whose logits are
+    not bit-exact anyway."""
     timings: dict[str, float] = {}
-    rows, keys = KV_PROBE_ROWS, KV_PROBE_KEYS
+    keys = KV_PROBE_KEYS
     generator = torch.Generator().manual_seed(0)
     positions = torch.arange(rows) % 8 + keys - 8  # rows at different positions, as in a batch
     mask = (torch.arange(keys)[None, :] <= positions[:, None])[:, None, None, :]

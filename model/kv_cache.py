@@ -23,7 +23,7 @@ KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     """The dtype of a model's KV cache by name: "auto" is the model's own dtype; another one is
     for float32 models (a 16-bit model's cache is in its own dtype)."""
     if name == "auto":

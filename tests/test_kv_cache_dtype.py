@@ -12,9 +12,10 @@ from model.batch_invariant import make_batch_invariant
 from model.decode import DecodeStep, SharedPrefix
 from model.gpt2 import GPT
 from model.kernel_choice import KVCacheChoice, choose_kv_cache_dtype
-from model.kv_cache import BatchLayout, KVCache, kv_cache_dtype
+from model.kv_cache import BatchLayout, KVCache, resolve_kv_cache_dtype
 from model.loading import save_checkpoint
 from model.packed_linear import pack_linears, packing_available
+from model.quantize import quantize_int8
 from model.sampling_params import SamplingParams
 from model.tokenizer import Tokenizer
 from service.api import loader
@@ -43,16 +44,16 @@ def prefilled(
 
 
 def test_kv_cache_dtype_names() -> None:
-    assert kv_cache_dtype("auto", torch.float32) is torch.float32
-    assert kv_cache_dtype("auto", torch.bfloat16) is torch.bfloat16
-    assert kv_cache_dtype("bfloat16", torch.float32) is torch.bfloat16
-    assert kv_cache_dtype("float16", torch.float32) is torch.float16
-    assert kv_cache_dtype("bfloat16", torch.bfloat16) is torch.bfloat16
+    assert resolve_kv_cache_dtype("auto", torch.float32) is torch.float32
+    assert resolve_kv_cache_dtype("auto", torch.bfloat16) is torch.bfloat16
+    assert resolve_kv_cache_dtype("bfloat16", torch.float32) is torch.bfloat16
+    assert resolve_kv_cache_dtype("float16", torch.float32) is torch.float16
+    assert resolve_kv_cache_dtype("bfloat16", torch.bfloat16) is torch.bfloat16
     with pytest.raises(ValueError, match="own dtype"):
-        kv_cache_dtype("float16", torch.bfloat16)
+        resolve_kv_cache_dtype("float16", torch.bfloat16)
     with pytest.raises(ValueError, match="unknown KV cache dtype 'fp8'"):
-        kv_cache_dtype("fp8", torch.float32)
-    assert kv_cache_dtype("float32", torch.float32) is torch.float32
+        resolve_kv_cache_dtype("fp8", torch.float32)
+    assert resolve_kv_cache_dtype("float32", torch.float32) is torch.float32
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, float32, bfloat16"):
         EngineConfig(kv_cache_dtype="float32x")
 
@@ -152,6 +153,36 @@ def test_engine_serves_from_a_bfloat16_cache() -> None:
         assert max(abs(a - b) for a, b in zip(auto, half_, strict=True)) < 1e-2
 
 
+def test_int8_model_decodes_from_a_bfloat16_cache() -> None:
+    """The combination the start-up picks by itself: int8 weights, bfloat16 keys and values,
+    through prompts, batched decode steps and prompt lookup's checks. Each greedy token is the
+    best one, up to the cache's rounding, of the same model computed without a cache."""
+    tokenizer = Tokenizer.default()
+    prompts = [[1, 2, 3, 4, 5] * 4, list(range(200, 230)), [42, 43] * 6]
+    model = quantize_int8(make_model(seed=6))
+    config = EngineConfig(max_batch_size=3, kv_cache_dtype="bfloat16", speculative_method="ngram")
+    engine = LLMEngine(model, tokenizer, config)
+    assert engine.runner.cache.k.dtype == torch.bfloat16
+    ids = [
+        engine.add_request(p, SamplingParams(temperature=0.0), StopParams(10)).request_id
+        for p in prompts
+    ]
+    generated: dict[str, list[int]] = {i: [] for i in ids}
+    while engine.has_work():
+        for request, event in engine.step():
+            generated[request.request_id] += [t.token_id for t in event.tokens]
+    speculator = engine.runner.speculator
+    assert speculator is not None and speculator.stats.num_verify_rows > 0  # checks ran
+    for prompt, request_id in zip(prompts, ids, strict=True):
+        tokens = generated[request_id]
+        assert len(tokens) == 10
+        with torch.inference_mode():
+            logits = model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 : -1]  # (10, V)
+        chosen = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        # every choice within a hundredth of the best logit
+        assert float((logits.max(dim=1).values - chosen).max()) < 1e-2
+
+
 def test_batch_invariant_models_keep_a_float32_cache() -> None:
     model = make_model(seed=5)
     make_batch_invariant(model)
@@ -175,6 +206,9 @@ def test_serve_setting_reaches_the_cache(tmp_path) -> None:  # type: ignore[no-u
         load_engine(
             Settings(model=folder, device="cpu", dtype="bfloat16", kv_cache_dtype="float16")
         )
+    # auto says nothing of the cache: a bfloat16 model is refused for its weights
+    with pytest.raises(ServeConfigError, match="needs --device cpu and float32 weights"):
+        load_engine(Settings(model=folder, device="cpu", dtype="bfloat16", batch_invariant=True))
 
 
 @pytest.mark.parametrize("measured", ["bfloat16", "auto"])
@@ -186,15 +220,15 @@ def test_int8_serving_takes_the_measured_cache_dtype(
     folder = str(tmp_path / "m")
     probes = []
 
-    def probe(n_head: int, head_dim: int) -> KVCacheChoice:
-        probes.append((n_head, head_dim))
+    def probe(n_head: int, head_dim: int, rows: int) -> KVCacheChoice:
+        probes.append((n_head, head_dim, rows))
         return KVCacheChoice(measured, {"float32": 2.0, "bfloat16": 1.0})
 
     monkeypatch.setattr(loader, "choose_kv_cache_dtype", probe)
     engine, _ = load_engine(Settings(model=folder, device="cpu", quantization="int8"))
     expected = torch.bfloat16 if measured == "bfloat16" else torch.float32
     assert engine.engine.runner.cache.k.dtype == expected
-    assert probes == [(TINY.n_head, TINY.head_dim)]
+    assert probes == [(TINY.n_head, TINY.head_dim, 32)]  # the default batch cap
     engine, _ = load_engine(
         Settings(model=folder, device="cpu", quantization="int8", kv_cache_dtype="float32")
     )

@@ -97,6 +97,7 @@ def test_config_describes_the_model_and_every_generate_field(server: LiveServer)
     config = config_of(server.url)
     assert config["model"] == MODEL_NAME
     assert (config["device"], config["dtype"], config["quantization"]) == ("cpu", "float32", "none")
+    assert config["kv_cache_dtype"] == "float32"
     assert config["max_model_len"] == 1024
     assert config["vocab_size"] == 50257
     specs = specs_by_name(config)

@@ -13,12 +13,13 @@ from model.batch_invariant import (
 )
 from model.gpt2 import GPT
 from model.kernel_choice import (
+    KV_PROBE_ROWS,
     PROBE_ROW_COUNTS,
     choose_int8_engines,
     choose_kv_cache_dtype,
     use_fastest_float32_kernels,
 )
-from model.kv_cache import kv_cache_dtype as kv_cache_dtype_of
+from model.kv_cache import resolve_kv_cache_dtype
 from model.loading import load_model
 from model.packed_linear import PACKABLE_DTYPES, pack_linears, packing_available
 from model.quantize import apply_quantization, route_int8_rows
@@ -104,10 +105,12 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     try:  # before the weights load: a combination that cannot run fails at once
-        cache_dtype = kv_cache_dtype_of(settings.kv_cache_dtype, dtype)
+        cache_dtype = resolve_kv_cache_dtype(settings.kv_cache_dtype, dtype)
     except ValueError as exc:
         raise ServeConfigError(f"--kv-cache-dtype: {exc}") from exc
-    if settings.batch_invariant and cache_dtype != torch.float32:
+    # (auto under --batch-invariant is float32, or the dtype check below refuses the model)
+    named = settings.kv_cache_dtype != "auto"
+    if settings.batch_invariant and named and cache_dtype != torch.float32:
         raise ServeConfigError(
             "--batch-invariant keeps a float32 KV cache (its attention is proved bit-exact on "
             f"float32 keys and values), not {settings.kv_cache_dtype}"
@@ -141,7 +144,9 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
         if int8 is not None and int8.many_rows is not None and int8.min_rows is not None:
             route_int8_rows(model, int8.many_rows, int8.min_rows)
         if kv_cache_dtype == "auto":  # measured: int8's logits are approximate already
-            kv_cache_dtype = choose_kv_cache_dtype(model.config.n_head, model.config.head_dim).dtype
+            rows = min(settings.max_batch_size, KV_PROBE_ROWS)  # attention's largest share
+            shape = model.config.n_head, model.config.head_dim
+            kv_cache_dtype = choose_kv_cache_dtype(*shape, rows).dtype
     elif settings.batch_invariant:
         if device.type != "cpu" or dtype != torch.float32:
             raise ServeConfigError("--batch-invariant needs --device cpu and float32 weights")

@@ -49,6 +49,10 @@ class ServerConfig(BaseModel):
     device: str = Field(description="cpu, cuda, cuda:1, ...")
     dtype: str = Field(description="float32, bfloat16 or float16")
     quantization: str = Field(description="none, or int8 (int8 linear weights)")
+    kv_cache_dtype: str = Field(
+        description="the KV cache's keys and values: the model's dtype, or bfloat16 / float16 "
+        "(logits then no longer bit-exact)"
+    )
     max_model_len: int = Field(description="the context window, in tokens: prompt + generated")
     vocab_size: int = Field(description="token ids lie in [0, vocab_size)")
     eos_token_id: int
@@ -109,6 +113,7 @@ def server_config(state: AppState) -> ServerConfig:
         device=str(model.device),
         dtype=str(model.dtype).removeprefix("torch."),
         quantization=quantization_of(model),
+        kv_cache_dtype=str(engine.runner.cache.k.dtype).removeprefix("torch."),
         max_model_len=engine.max_model_len,
         vocab_size=engine.vocab_size,
         eos_token_id=state.tokenizer.eos_token_id,

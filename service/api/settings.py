@@ -110,8 +110,9 @@ class Settings(BaseSettings):
         description="keys and values of the KV cache: auto is the model's dtype, except with "
         "--quantization int8, where it is bfloat16 if the start-up measures batched attention "
         "faster so; bfloat16 or float16 under a float32 model halve the cache's memory and the "
-        "bytes batched decode steps read for attention (on CPU only bfloat16 also runs faster), "
-        "for logits no longer bit-exact",
+        "bytes batched decode steps read for attention (on CPU only bfloat16 also runs faster, "
+        "where attention is a large share of a step: int8 weights, long contexts), for logits "
+        "no longer bit-exact",
     )
     prefix_caching: bool = Field(
         default=True,

@@ -8,8 +8,7 @@ import torch
 
 from model.decode import DecodeStep, SharedPrefix
 from model.gpt2 import GPT
-from model.kv_cache import BatchLayout, KVCache
-from model.kv_cache import kv_cache_dtype as kv_cache_dtype_of
+from model.kv_cache import BatchLayout, KVCache, resolve_kv_cache_dtype
 from model.sampling import SamplerOutput, SamplingState, sample
 from model.speculative import verify
 from service.engine.decode_graphs import DecodeGraphs
@@ -74,7 +73,7 @@ class ModelRunner:
         cache_slots = num_slots + 1 if fast_decode else num_slots
         self.decode_step = DecodeStep(model)
         self.is_batch_invariant = self.decode_step.invariant
-        cache_dtype = kv_cache_dtype_of(kv_cache_dtype, self.dtype)
+        cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype)
         if self.is_batch_invariant and cache_dtype != self.dtype:
             # its per-query attention is proved bit-exact on float32 keys and values
             raise ValueError("a batch-invariant model keeps its KV cache in float32")
