@@ -22,7 +22,12 @@ import torch
 
 from model.config import GPTConfig
 from model.gpt2 import GPT
-from model.kernel_choice import use_fastest_float32_kernels
+from model.kernel_choice import (
+    choose_kv_cache_dtype,
+    use_fastest_float32_kernels,
+    use_fastest_int8_kernels,
+)
+from model.kv_cache import KV_CACHE_DTYPES
 from model.quantize import QUANTIZATIONS, apply_quantization
 from model.sampling_params import SamplingParams
 from model.tokenizer import Tokenizer
@@ -78,9 +83,17 @@ async def bench(args: argparse.Namespace) -> list[tuple[str, int, dict[str, floa
     device = torch.device(args.device)
     config = GPTConfig.from_preset(args.model)
     model = GPT(config).init_weights(0).eval().to(device=device, dtype=DTYPES[args.dtype])
-    model = apply_quantization(model, args.quantization)
+    probe_rows = max(32, *args.levels)
+    kv_cache_dtype = args.kv_cache_dtype
+    if args.quantization == "int8":  # as `gptserve serve --quantization int8` does
+        model = use_fastest_int8_kernels(model, probe_rows)
+        if kv_cache_dtype == "auto":
+            config = model.config
+            kv_cache_dtype = choose_kv_cache_dtype(config.n_head, config.head_dim).dtype
+    else:
+        model = apply_quantization(model, args.quantization)
     if args.pack_weights:  # as `gptserve serve` does by default on CPU
-        use_fastest_float32_kernels(model, max(32, *args.levels))
+        use_fastest_float32_kernels(model, probe_rows)
     tokenizer = Tokenizer.default()
     rows = []
     for label, batch_cap in (("batched", None), ("batch=1", 1)):
@@ -93,6 +106,7 @@ async def bench(args: argparse.Namespace) -> list[tuple[str, int, dict[str, floa
                 max_prefill_tokens=args.max_prefill_tokens,
                 max_model_len=args.prompt_tokens + args.new_tokens,
                 fast_decode=args.fast_decode,
+                kv_cache_dtype=kv_cache_dtype,
             )
             engine = AsyncEngine(LLMEngine(model, tokenizer, engine_config))
             await engine.start(warm_up=True)
@@ -117,6 +131,12 @@ def main() -> None:
         help="CPU, unquantized: oneDNN-packed linear weights, as the server's default",
     )
     parser.add_argument("--fast-decode", action="store_true", help="decode CUDA graphs")
+    parser.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=KV_CACHE_DTYPES,
+        help="as gptserve serve's (auto: the model's; with int8, measured at start-up)",
+    )
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--max-prefill-tokens", type=int, default=512)
@@ -133,7 +153,7 @@ def main() -> None:
     print(
         f"# {args.model} random weights, {args.dtype} on {args.device}, "
         f"quantization {args.quantization}, packed weights {args.pack_weights}, "
-        f"fast decode {args.fast_decode} "
+        f"fast decode {args.fast_decode}, KV cache {args.kv_cache_dtype} "
         f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
         f"torch {torch.__version__}; {args.prompt_tokens}-token prompts, "
         f"{args.new_tokens} greedy tokens, eos ignored"

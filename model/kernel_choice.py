@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.gpt2 import GPT
 from model.packed_linear import PACK_BATCH_HINT, pack_linears, packing_available
+from model.quantize import quantize_int8, route_int8_rows
 from model.weight_layout import linear_layers, linear_weights, set_column_major
 
 logger = logging.getLogger(__name__)
@@ -312,3 +314,16 @@ def _attend(
 ) -> None:
     for keys, values in cache:
         F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)
+
+
+def use_fastest_int8_kernels(model: GPT, max_rows: int) -> GPT:
+    """Quantize a CPU float32 model to int8 on this machine's fastest int8 engines (see
+    `choose_int8_engines`): the few-row engine packs the weights, and the many-row one gets a
+    second packing from the row count where it wins. Returns the quantized model."""
+    int8 = choose_int8_engines(model, max_rows)
+    if int8 is not None:
+        torch.backends.quantized.engine = int8.few_rows
+    model = quantize_int8(model)
+    if int8 is not None and int8.many_rows is not None and int8.min_rows is not None:
+        route_int8_rows(model, int8.many_rows, int8.min_rows)
+    return model

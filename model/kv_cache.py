@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model import huge_pages
 from model.config import GPTConfig
 
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -62,9 +63,10 @@ class KVCache:
         self.max_seq_len = max_seq_len
         shape = (config.n_layer, num_slots, config.n_head, max_seq_len, config.head_dim)
         # Zeros, not empty: rows shorter than the longest in a batch read (masked) stale
-        # positions, and a NaN there would leak through the zero attention weight.
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, S, nh, M, hs)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)  # (L, S, nh, M, hs)
+        # positions, and a NaN there would leak through the zero attention weight. On huge
+        # pages where the system has them (see model.huge_pages).
+        self.k = huge_pages.zeros(shape, dtype, device)  # (L, S, nh, M, hs)
+        self.v = huge_pages.zeros(shape, dtype, device)  # (L, S, nh, M, hs)
 
     def copy_prefix(self, source: int, target: int, num_tokens: int) -> None:
         """Copy the keys and values of positions [0, num_tokens) of one slot to another."""

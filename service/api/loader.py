@@ -15,14 +15,13 @@ from model.gpt2 import GPT
 from model.kernel_choice import (
     KV_PROBE_ROWS,
     PROBE_ROW_COUNTS,
-    choose_int8_engines,
     choose_kv_cache_dtype,
     use_fastest_float32_kernels,
+    use_fastest_int8_kernels,
 )
 from model.kv_cache import resolve_kv_cache_dtype
 from model.loading import load_model
 from model.packed_linear import PACKABLE_DTYPES, pack_linears, packing_available
-from model.quantize import apply_quantization, route_int8_rows
 from model.tokenizer import GPT2_ASSETS_DIR, Tokenizer
 from service.api.settings import Settings
 from service.engine.async_engine import AsyncEngine
@@ -137,12 +136,7 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
                 f"--quantization {settings.quantization} needs --device cpu and float32"
             )
         # measured: the fastest int8 engine at one row and at many rows differ by CPU
-        int8 = choose_int8_engines(model, probe_rows)
-        if int8 is not None:
-            torch.backends.quantized.engine = int8.few_rows
-        model = apply_quantization(model, settings.quantization)
-        if int8 is not None and int8.many_rows is not None and int8.min_rows is not None:
-            route_int8_rows(model, int8.many_rows, int8.min_rows)
+        model = use_fastest_int8_kernels(model, probe_rows)
         if kv_cache_dtype == "auto":  # measured: int8's logits are approximate already
             rows = min(settings.max_batch_size, KV_PROBE_ROWS)  # attention's largest share
             shape = model.config.n_head, model.config.head_dim
