@@ -6,38 +6,20 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Mapping
 
 from service.version import package_version
 
 # How long an idle OpenMP thread of torch's kernels spins before it sleeps, read by libgomp when
 # torch loads, so set before any command imports torch. libgomp's default (300,000 spins, about a
 # millisecond) keeps the compute threads burning both cores between steps, starving the HTTP
-# thread and the clients: on 2 cores, 256 streams of a small model went from ~3,350 to ~3,750
-# tokens/s with 10,000 (tens of microseconds), and gpt2's float32 steps, whose kernels come back
-# to back, kept their speed (22.4 ms per token at one stream, 72 ms per step at 32). int8 steps
-# are short and made of many small parallel regions, so their threads sleep and wake between
-# regions at 10,000: gpt2 int8 served 95.5 tokens/s at one stream and 771 at 32 with 10,000,
-# 107.8 and 803 with 100,000 (3,452 / 3,541 for the small model's 256 streams). So int8 serving
-# spins 100,000. GOMP_SPINCOUNT set in the environment wins.
-OPENMP_SPIN_COUNT = "10000"
-INT8_OPENMP_SPIN_COUNT = "100000"
-
-
-def openmp_spin_count(argv: list[str], environ: Mapping[str, str]) -> str:
-    """The spin count for this command line: `INT8_OPENMP_SPIN_COUNT` when it serves int8
-    weights (`--quantization int8`, or GPTSERVE_QUANTIZATION=int8 with no flag), else
-    `OPENMP_SPIN_COUNT`. Read before argparse runs, so only these two spellings count."""
-    quantization = environ.get("GPTSERVE_QUANTIZATION", "")
-    for index, arg in enumerate(argv):
-        if arg == "--quantization" and index + 1 < len(argv):
-            quantization = argv[index + 1]
-        elif arg.startswith("--quantization="):
-            quantization = arg.split("=", 1)[1]
-    return INT8_OPENMP_SPIN_COUNT if quantization == "int8" else OPENMP_SPIN_COUNT
-
-
-os.environ.setdefault("GOMP_SPINCOUNT", openmp_spin_count(sys.argv[1:], os.environ))
+# thread and the clients: on 2 cores, 256 streams of a near-free model went from ~3,350 to ~3,750
+# tokens/s with 10,000 (tens of microseconds). But then a gpt2 step's threads sleep and wake
+# between its many small parallel regions: with 100,000, gpt2 served 42.8-42.9 tokens/s at one
+# stream in float32 (39.5-40.8 with 10,000; the same 354 at 32 streams) and 107.8 / 803 at one /
+# 32 streams in int8 (95.5 / 771), while the near-free model's 256 streams gave 3,541 (3,763).
+# Models worth serving are gpt2-sized, so 100,000. GOMP_SPINCOUNT set in the environment wins.
+OPENMP_SPIN_COUNT = "100000"
+os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)
 
 # Each subcommand lives in service/commands/<name>.py with `register(subparsers)`, which adds
 # its parser and sets `func` (args -> exit code). Modules import heavy dependencies lazily.
