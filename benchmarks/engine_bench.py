@@ -89,7 +89,8 @@ async def bench(args: argparse.Namespace) -> list[tuple[str, int, dict[str, floa
         model = use_fastest_int8_kernels(model, probe_rows)
         if kv_cache_dtype == "auto":
             config = model.config
-            kv_cache_dtype = choose_kv_cache_dtype(config.n_head, config.head_dim).dtype
+            rows = min(max(args.levels), 32)  # the batch cap's rows, as the loader probes
+            kv_cache_dtype = choose_kv_cache_dtype(config.n_head, config.head_dim, rows).dtype
     else:
         model = apply_quantization(model, args.quantization)
     if args.pack_weights:  # as `gptserve serve` does by default on CPU

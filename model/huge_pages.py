@@ -9,7 +9,9 @@ only as long as the contexts (and so dense in memory).
 
 Linux only: the memory is an anonymous mapping marked `MADV_HUGEPAGE`, which the kernel honours
 when transparent huge pages are in `madvise` or `always` mode; elsewhere, or when the mapping
-fails, a plain tensor is returned. Either way the result is a zeroed, ordinary torch tensor.
+fails, a plain tensor is returned. Either way the result is a zeroed torch tensor; one on huge
+pages has a storage that cannot grow (`resize_` to a larger size raises), which a KV cache never
+asks of it.
 """
 
 from __future__ import annotations
