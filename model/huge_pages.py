@@ -45,22 +45,3 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
     # Anonymous memory reads as zeros already; writing them now takes the page faults here,
     # not in the first steps that reach each page.
     return tensor.view(shape).zero_()
-
-
-def huge_page_bytes(tensor: torch.Tensor) -> int:
-    """How many bytes of the mapping that holds `tensor`'s data are on huge pages (Linux; 0
-    where that cannot be read)."""
-    address = tensor.data_ptr()
-    try:
-        with open("/proc/self/smaps") as smaps:
-            inside = False
-            for line in smaps:
-                head = line.split()[0] if line.strip() else ""
-                if "-" in head and all(c in "0123456789abcdef-" for c in head):
-                    low, high = (int(x, 16) for x in head.split("-"))
-                    inside = low <= address < high
-                elif inside and line.startswith("AnonHugePages:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
