@@ -21,9 +21,10 @@ import time
 import torch
 
 from model.config import GPTConfig
+from model.dtypes import DTYPES
 from model.gpt2 import GPT
 from model.kernel_choice import (
-    choose_kv_cache_dtype,
+    int8_kv_cache_dtype,
     use_fastest_float32_kernels,
     use_fastest_int8_kernels,
 )
@@ -35,8 +36,6 @@ from service.engine.async_engine import AsyncEngine
 from service.engine.config import EngineConfig
 from service.engine.llm_engine import LLMEngine
 from service.engine.params import StopParams
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def distinct_prompts(count: int, length: int, seed: int) -> list[list[int]]:
@@ -87,10 +86,7 @@ async def bench(args: argparse.Namespace) -> list[tuple[str, int, dict[str, floa
     kv_cache_dtype = args.kv_cache_dtype
     if args.quantization == "int8":  # as `gptserve serve --quantization int8` does
         model = use_fastest_int8_kernels(model, probe_rows)
-        if kv_cache_dtype == "auto":
-            config = model.config
-            rows = min(max(args.levels), 32)  # the batch cap's rows, as the loader probes
-            kv_cache_dtype = choose_kv_cache_dtype(config.n_head, config.head_dim, rows).dtype
+        kv_cache_dtype = int8_kv_cache_dtype(model, kv_cache_dtype, max(args.levels))
     else:
         model = apply_quantization(model, args.quantization)
     if args.pack_weights:  # as `gptserve serve` does by default on CPU

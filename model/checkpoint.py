@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.config import ConfigError, GPTConfig
+from model.dtypes import dtype_name
 from model.gpt2 import GPT
 
 CONFIG_FILE = "gptserve.json"
@@ -235,7 +236,7 @@ def save_checkpoint(
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "config": model.config.to_dict(),
-        "dtype": str(tensors[TOKEN_EMBEDDING].dtype).removeprefix("torch."),
+        "dtype": dtype_name(tensors[TOKEN_EMBEDDING].dtype),
         "metadata": dict(extra_metadata or {}),
     }
     try:

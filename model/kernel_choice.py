@@ -309,6 +309,17 @@ def choose_kv_cache_dtype(n_head: int, head_dim: int, rows: int = KV_PROBE_ROWS)
     return choice
 
 
+def int8_kv_cache_dtype(model: GPT, setting: str, max_batch_size: int) -> str:
+    """The KV cache dtype setting an int8 model runs with: a named dtype as asked, and `auto`
+    measured (`choose_kv_cache_dtype`) at the batch cap's row count, up to KV_PROBE_ROWS, where
+    attention's share of a step is largest. int8's logits are approximate already, so a 16-bit
+    cache takes no exactness away that the model still had."""
+    if setting != "auto":
+        return setting
+    rows = min(max_batch_size, KV_PROBE_ROWS)
+    return choose_kv_cache_dtype(model.config.n_head, model.config.head_dim, rows).dtype
+
+
 def _attend(
     query: torch.Tensor, cache: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor
 ) -> None:

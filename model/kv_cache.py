@@ -19,9 +19,9 @@ import torch
 
 from model import huge_pages
 from model.config import GPTConfig
+from model.dtypes import DTYPES, dtype_name
 
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -29,12 +29,12 @@ def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     for float32 models (a 16-bit model's cache is in its own dtype)."""
     if name == "auto":
         return model_dtype
-    if name not in _DTYPES:
+    if name not in DTYPES:
         raise ValueError(f"unknown KV cache dtype {name!r}; choose one of {KV_CACHE_DTYPES}")
-    dtype = _DTYPES[name]
+    dtype = DTYPES[name]
     if model_dtype != torch.float32 and dtype != model_dtype:
         raise ValueError(
-            f"a {str(model_dtype).removeprefix('torch.')} model keeps its KV cache in its own "
+            f"a {dtype_name(model_dtype)} model keeps its KV cache in its own "
             f"dtype (kv_cache_dtype auto); a {name} cache is for float32 models"
         )
     return dtype

@@ -11,11 +11,11 @@ from model.batch_invariant import (
     check_batch_invariance,
     make_batch_invariant,
 )
+from model.dtypes import DTYPES, dtype_name
 from model.gpt2 import GPT
 from model.kernel_choice import (
-    KV_PROBE_ROWS,
     PROBE_ROW_COUNTS,
-    choose_kv_cache_dtype,
+    int8_kv_cache_dtype,
     use_fastest_float32_kernels,
     use_fastest_int8_kernels,
 )
@@ -68,7 +68,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    dtype = DTYPES[name]
     if device.type == "cpu" and dtype == torch.float16:
         raise ServeConfigError("float16 is not supported on CPU; use float32 or bfloat16")
     return dtype
@@ -114,7 +114,7 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
             "--batch-invariant keeps a float32 KV cache (its attention is proved bit-exact on "
             f"float32 keys and values), not {settings.kv_cache_dtype}"
         )
-    logger.info("loading %s on %s as %s", spec, device, str(dtype).removeprefix("torch."))
+    logger.info("loading %s on %s as %s", spec, device, dtype_name(dtype))
     loaded = load_model(spec, device, dtype)
     model = loaded.model
     check_finite_weights(model, spec)
@@ -137,10 +137,7 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
             )
         # measured: the fastest int8 engine at one row and at many rows differ by CPU
         model = use_fastest_int8_kernels(model, probe_rows)
-        if kv_cache_dtype == "auto":  # measured: int8's logits are approximate already
-            rows = min(settings.max_batch_size, KV_PROBE_ROWS)  # attention's largest share
-            shape = model.config.n_head, model.config.head_dim
-            kv_cache_dtype = choose_kv_cache_dtype(*shape, rows).dtype
+        kv_cache_dtype = int8_kv_cache_dtype(model, kv_cache_dtype, settings.max_batch_size)
     elif settings.batch_invariant:
         if device.type != "cpu" or dtype != torch.float32:
             raise ServeConfigError("--batch-invariant needs --device cpu and float32 weights")

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
+from model.dtypes import dtype_name
 from model.sampling_params import SAMPLING_RANGES
 from service.api.dependencies import AppState, StateDep
 from service.api.schemas import GenerateRequest
@@ -111,9 +112,9 @@ def server_config(state: AppState) -> ServerConfig:
         model=state.model_name,
         num_parameters=model.config.num_parameters,
         device=str(model.device),
-        dtype=str(model.dtype).removeprefix("torch."),
+        dtype=dtype_name(model.dtype),
         quantization=quantization_of(model),
-        kv_cache_dtype=str(engine.runner.cache.k.dtype).removeprefix("torch."),
+        kv_cache_dtype=dtype_name(engine.runner.cache.k.dtype),
         max_model_len=engine.max_model_len,
         vocab_size=engine.vocab_size,
         eos_token_id=state.tokenizer.eos_token_id,

@@ -12,6 +12,7 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
 from model.batch_invariant import InvariantLinear
+from model.dtypes import dtype_name
 from model.kernel_choice import Int8Choice, KernelChoice
 from model.packed_linear import PackedLinear
 from model.quantize import RoutedInt8Linear
@@ -147,7 +148,7 @@ def startup_summary(app: FastAPI, host: str, port: int) -> StartupSummary:
         model_path=settings.model or "",
         num_parameters=model.config.num_parameters,
         device=str(model.device),
-        dtype=str(model.dtype).removeprefix("torch."),
+        dtype=dtype_name(model.dtype),
         quantization=quantization_of(model),
         packed_weights=any(isinstance(module, PackedLinear) for module in model.modules()),
         linear_kernels=linear_kernels_of(model),
@@ -156,6 +157,6 @@ def startup_summary(app: FastAPI, host: str, port: int) -> StartupSummary:
         context_window=engine.max_model_len,
         batch_slots=engine.config.max_batch_size,
         kv_cache_bytes=engine.runner.cache.num_bytes,
-        kv_cache_dtype=str(engine.runner.cache.k.dtype).removeprefix("torch."),
+        kv_cache_dtype=dtype_name(engine.runner.cache.k.dtype),
         max_queue=engine.config.max_queue_size,
     )
