@@ -41,7 +41,7 @@ class _Layer:
     qkv: Callable[[torch.Tensor], torch.Tensor]
     out: Callable[[torch.Tensor], torch.Tensor]
     ln_2: tuple[torch.Tensor, torch.Tensor, float]
-    up: Callable[[torch.Tensor], torch.Tensor]
+    up: Callable[[torch.Tensor], torch.Tensor]  # the MLP's up-projection, GELU included
     down: Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -72,7 +72,7 @@ class DecodeStep:
                 direct_forward(block.attn.c_attn),
                 direct_forward(block.attn.c_proj),
                 norm(block.ln_2),
-                direct_forward(block.mlp.c_fc),
+                _up_projection(block.mlp.c_fc),
                 direct_forward(block.mlp.c_proj),
             )
             for block in transformer.blocks
@@ -157,7 +157,7 @@ class DecodeStep:
     @staticmethod
     def _mlp(layer: _Layer, x: torch.Tensor, width: int) -> torch.Tensor:
         hidden = F.layer_norm(x, (width,), *layer.ln_2)
-        return layer.down(F.gelu(layer.up(hidden), approximate="tanh"))
+        return layer.down(layer.up(hidden))
 
     def several(
         self, cache: KVCache, token_ids: list[int], slot: int, position: int
@@ -192,6 +192,20 @@ class DecodeStep:
             x = x + layer.out(attended[0].transpose(0, 1).reshape(count, width).to(x.dtype))
             x = x + self._mlp(layer, x, width)
         return self.head(F.layer_norm(x, (width,), *self.ln_f))  # (T, vocab)
+
+
+def _up_projection(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> gelu(module(x)), tanh approximation: fused into the kernel where the layer offers
+    that (`PackedLinear.forward_gelu`), else the layer's direct forward and then the GELU."""
+    fused = getattr(module, "forward_gelu", None)
+    if fused is not None:
+        return fused
+    linear = direct_forward(module)
+
+    def up(x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(linear(x), approximate="tanh")
+
+    return up
 
 
 def _key_window(

@@ -83,7 +83,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.gelu(self.c_fc(x), approximate="tanh")  # (B, T, 4C)
+        up = getattr(self.c_fc, "forward_gelu", None)  # a packed CPU linear fuses the GELU
+        h = up(x) if up else F.gelu(self.c_fc(x), approximate="tanh")  # (B, T, 4C)
         return self.dropout(self.c_proj(h))  # (B, T, C)
 
 

@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 from conftest import make_model
+from model.decode import DecodeStep
 from model.generate import generate
 from model.gpt2 import GPT
+from model.kv_cache import KVCache
 from model.packed_linear import PACKED_MIN_ROWS, PackedLinear, pack_linears, packing_available
 from model.sampling_params import SamplingParams
 from model.tokenizer import Tokenizer
@@ -71,6 +73,47 @@ def test_packed_path_is_taken_from_min_rows_on(pair: tuple[GPT, GPT], monkeypatc
     # With autograd on (training), the plain weight is used: oneDNN's op has no backward.
     head(torch.randn(8, packed.config.n_embd)).sum().backward()
     assert calls == [2 * PACKED_MIN_ROWS, 64]
+
+
+def test_the_mlp_gelu_runs_inside_the_packed_kernel(pair: tuple[GPT, GPT], monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The up-projection's GELU is oneDNN's post-op from min_rows on, in the model's MLP and in
+    the lean decode step, and it gives what torch's GELU after the matmul gives."""
+    packed, plain = pair
+    up = packed.transformer.blocks[0].mlp.c_fc
+    assert isinstance(up, PackedLinear)
+    activations: list[tuple[int, str]] = []
+    original = torch.ops.mkldnn._linear_pointwise
+
+    def recording(x, weight, bias, activation, scalars, algorithm):  # type: ignore[no-untyped-def]
+        activations.append((x.shape[0], activation))
+        return original(x, weight, bias, activation, scalars, algorithm)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", recording)
+    x = torch.randn(
+        3, PACKED_MIN_ROWS, packed.config.n_embd, generator=torch.Generator().manual_seed(0)
+    )
+    with torch.inference_mode():
+        fused = up.forward_gelu(x)
+        assert activations == [(3 * PACKED_MIN_ROWS, "gelu")]
+        reference = torch.nn.functional.gelu(
+            torch.nn.functional.linear(x, up.weight, up.bias), approximate="tanh"
+        )
+        torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+        up.forward_gelu(x[0, : PACKED_MIN_ROWS - 1])  # too few rows: torch's matmul and GELU
+        assert len(activations) == 1
+        activations.clear()
+        packed(torch.arange(PACKED_MIN_ROWS)[None])  # a prompt through every block
+        gelus = [rows for rows, activation in activations if activation == "gelu"]
+        assert gelus == [PACKED_MIN_ROWS] * packed.config.n_layer
+        activations.clear()
+        cache = KVCache(packed.config, num_slots=PACKED_MIN_ROWS)
+        slots = list(range(PACKED_MIN_ROWS))
+        DecodeStep(packed)(cache, [5] * PACKED_MIN_ROWS, slots, [0] * PACKED_MIN_ROWS)
+        gelus = [rows for rows, activation in activations if activation == "gelu"]
+        assert gelus == [PACKED_MIN_ROWS] * packed.config.n_layer
+    # With autograd on (training), the plain weight and torch's GELU are used.
+    up.forward_gelu(x).sum().backward()
+    assert up.weight.grad is not None
 
 
 def test_engine_with_packed_weights_gives_the_reference_tokens(pair: tuple[GPT, GPT]) -> None:
