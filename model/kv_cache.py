@@ -21,7 +21,7 @@ from model import huge_pages
 from model.config import GPTConfig
 from model.dtypes import DTYPES, dtype_name
 
-KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", *DTYPES)
 
 
 def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from model.checkpoint import save_checkpoint
 from model.data import BatchSampler, TokenSplits, fixed_batches, load_splits
+from model.dtypes import DTYPES
 from model.generate import generate
 from model.gpt2 import GPT
 from model.sampling_params import SamplingParams
@@ -271,7 +272,7 @@ class Trainer:
             save_checkpoint(
                 self.model,
                 self.out_dir,
-                dtype=getattr(torch, self.config.save_dtype),
+                dtype=DTYPES[self.config.save_dtype],
                 extra_metadata={"training": self._metadata(record, elapsed)},
             )
         self.log(

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from model.config import ConfigError, GPTConfig
+from model.dtypes import DTYPES
 from model.validation import DictFields, is_int, is_number
 
-SAVE_DTYPES = ("float16", "bfloat16", "float32")
+SAVE_DTYPES = tuple(DTYPES)  # float32, bfloat16, float16
 # Settings a resumed run may change: they do not alter the model, the data or the optimizer's
 # path up to the point of resuming (a moved data file is checked by its SHA-256 instead).
 # Everything else must match the run being resumed.

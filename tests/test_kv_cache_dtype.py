@@ -131,12 +131,12 @@ def test_engine_serves_from_a_bfloat16_cache() -> None:
     assert half.k.dtype == torch.bfloat16
     assert half.num_bytes * 2 == engines["auto"].runner.cache.num_bytes
     prompts = [[1, 2, 3, 4, 5], list(range(200, 230)), [42] * 12]
-    # each step's five most likely tokens, not only the greedy one (this tiny model repeats it)
+    # each step's six most likely tokens, not only the greedy one (this tiny model repeats it)
     steps: dict[str, list[list[tuple[int, list[int], list[float]]]]] = {}
     for name, engine in engines.items():
         ids = [
             engine.add_request(
-                p, SamplingParams(temperature=0.0, logprobs=5), StopParams(8)
+                p, SamplingParams(temperature=0.0, logprobs=6), StopParams(8)
             ).request_id
             for p in prompts
         ]
@@ -148,22 +148,30 @@ def test_engine_serves_from_a_bfloat16_cache() -> None:
                     top = t.top_logprobs
                     chosen[request.request_id].append((t.token_id, top.token_ids, top.logprobs))
         steps[name] = [chosen[i] for i in ids]
+    tolerance = 2e-3  # bfloat16 keys and values move these log-probabilities by ~3e-4 here
+    checked = 0
     for exact, half_ in zip(steps["auto"], steps["bfloat16"], strict=True):
         assert len(exact) == 8
         for (token, top_ids, top_lps), (token_h, top_ids_h, top_lps_h) in zip(
             exact, half_, strict=True
         ):
             assert token_h == token  # the same greedy tokens
-            # the same five candidates at each step (where the float32 cache's are not near a
-            # tie), with log-probabilities within a hundredth of the float32 cache's
-            near_tie = [a - b < 1e-2 for a, b in zip(top_lps, top_lps[1:], strict=False)]
-            if not any(near_tie):
-                assert top_ids_h == top_ids
+            # each of the five most likely keeps its rank unless a neighbour is within twice
+            # the tolerance (then the two may swap) ...
+            for rank in range(5):
+                gaps = [top_lps[rank] - top_lps[rank + 1]]
+                if rank:
+                    gaps.append(top_lps[rank - 1] - top_lps[rank])
+                if min(gaps) > 2 * tolerance:
+                    assert top_ids_h[rank] == top_ids[rank]
+                    checked += 1
+            # ... and every candidate both list has its log-probability within the tolerance
             by_id = dict(zip(top_ids_h, top_lps_h, strict=True))
-            for token_id, lp in zip(top_ids, top_lps, strict=True):
-                if token_id in by_id:
-                    assert abs(by_id[token_id] - lp) < 1e-2
+            common = [(by_id[i], lp) for i, lp in zip(top_ids, top_lps, strict=True) if i in by_id]
+            assert len(common) >= 5
+            assert all(abs(a - b) < tolerance for a, b in common)
             assert top_lps != top_lps_h  # rounded keys and values: not the same bits
+    assert checked >= 60  # of 24 steps x 5 ranks: the ranks are really compared
 
 
 def test_int8_model_decodes_from_a_bfloat16_cache() -> None:

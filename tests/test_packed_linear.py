@@ -78,7 +78,7 @@ def test_packed_path_is_taken_from_min_rows_on(pair: tuple[GPT, GPT], monkeypatc
 def test_the_mlp_gelu_runs_inside_the_packed_kernel(pair: tuple[GPT, GPT], monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The up-projection's GELU is oneDNN's post-op from min_rows on, in the model's MLP and in
     the lean decode step, and it gives what torch's GELU after the matmul gives."""
-    packed, plain = pair
+    packed, _ = pair
     up = packed.transformer.blocks[0].mlp.c_fc
     assert isinstance(up, PackedLinear)
     activations: list[tuple[int, str]] = []
@@ -111,9 +111,17 @@ def test_the_mlp_gelu_runs_inside_the_packed_kernel(pair: tuple[GPT, GPT], monke
         DecodeStep(packed)(cache, [5] * PACKED_MIN_ROWS, slots, [0] * PACKED_MIN_ROWS)
         gelus = [rows for rows, activation in activations if activation == "gelu"]
         assert gelus == [PACKED_MIN_ROWS] * packed.config.n_layer
-    # With autograd on (training), the plain weight and torch's GELU are used.
+    # With autograd on (training), the plain weight and torch's GELU are used, with gradients.
+    activations.clear()
+    weight = up.weight.detach().clone().requires_grad_()
     up.forward_gelu(x).sum().backward()
-    assert up.weight.grad is not None
+    assert activations == []
+    reference = torch.nn.functional.gelu(
+        torch.nn.functional.linear(x, weight, up.bias.detach()), approximate="tanh"
+    )
+    reference.sum().backward()
+    assert up.weight.grad is not None and weight.grad is not None
+    torch.testing.assert_close(up.weight.grad, weight.grad)
 
 
 def test_engine_with_packed_weights_gives_the_reference_tokens(pair: tuple[GPT, GPT]) -> None:

@@ -263,7 +263,7 @@ def test_resume_refuses_changed_settings(data_file: Path, tmp_path: Path) -> Non
         ({"val_fraction": 1.0}, "val_fraction must be a number in (0, 1)"),
         ({"grad_clip": math.nan}, "grad_clip must be a number in [0, inf]"),
         ({"device": "gpu"}, "device must be cpu, cuda, cuda:N or auto"),
-        ({"save_dtype": "int8"}, "save_dtype must be one of float16, bfloat16, float32"),
+        ({"save_dtype": "int8"}, "save_dtype must be one of float32, bfloat16, float16"),
     ],
 )
 def test_invalid_config_is_rejected(
