@@ -21,6 +21,7 @@ from service.engine.errors import InvalidRequestError
 from service.engine.llm_engine import LLMEngine
 from service.engine.params import StopParams
 from service.engine.request import FinishReason
+from service.engine.speculation import Proposal
 
 TOKENIZER = Tokenizer.default()
 REPEATING = TOKENIZER.encode("the cat sat on the mat. " * 4 + "the cat sat on the")
@@ -121,6 +122,38 @@ def test_draft_model_equal_to_the_target_accepts_every_guess() -> None:
     stats = engine.runner.speculator.stats  # type: ignore[union-attr]
     assert stats.num_accepted_tokens == stats.num_draft_tokens
     assert steps == 1 + 4  # the prompt's step, then 5 tokens a step
+
+
+def test_each_requests_guess_count_follows_how_its_guesses_fare() -> None:
+    engine = greedy_engine("ngram", make_model(seed=3), None, num_speculative_tokens=6)
+    speculator = engine.runner.speculator
+    assert speculator is not None
+    request = engine.make_request(
+        REPEATING, SamplingParams(temperature=0.0), StopParams(50, ignore_eos=True)
+    )
+    other = engine.make_request(
+        REPEATING, SamplingParams(temperature=0.0), StopParams(50, ignore_eos=True)
+    )
+    assert speculator.budget(request) == 6  # the cap, to begin with
+
+    def check(guesses: int, kept: int) -> int:
+        speculator.accepted(Proposal(request, list(range(1, guesses + 1))), kept)
+        return speculator.budget(request)
+
+    assert check(6, 2) == 5  # a rejection: one fewer than were proposed
+    assert check(5, 0) == 4
+    assert check(2, 2) == 4  # all kept: two more than were proposed
+    assert check(4, 4) == 6
+    assert check(6, 6) == 6  # never past the cap
+    assert check(1, 0) == 1  # never below one
+    assert check(1, 0) == 1
+    assert speculator.budget(other) == 6  # per request
+    speculator.release(request.request_id)
+    assert speculator.budget(request) == 6  # a finished request's count is forgotten
+    short = engine.make_request(
+        REPEATING, SamplingParams(temperature=0.0), StopParams(3, ignore_eos=True)
+    )
+    assert speculator.budget(short) == 2  # and the room left still bounds it
 
 
 def test_stop_string_and_eos_inside_accepted_guesses() -> None:

@@ -94,11 +94,11 @@ class Settings(BaseSettings):
         "requests may opt out with speculative: false",
     )
     num_speculative_tokens: int = Field(
-        default=3,
+        default=8,
         ge=1,
         le=16,
-        description="guesses checked per step with speculative decoding (each costs a little "
-        "even when rejected: more pays off only when most are accepted)",
+        description="the most guesses checked per step with speculative decoding; each request's "
+        "count adapts: two more after a step that kept them all, one fewer after a rejection",
     )
     draft_model: str | None = Field(
         default=None,

@@ -23,7 +23,7 @@ class EngineConfig:
     # prefix read its keys and values once
     reuse_prefixes: bool = True
     speculative_method: str = "none"  # none, ngram (prompt lookup) or draft (a draft model)
-    num_speculative_tokens: int = 3  # guesses checked per step
+    num_speculative_tokens: int = 8  # the most guesses checked per step (see speculation.py)
     ngram_max: int = 4  # prompt lookup matches the last ngram_max .. ngram_min tokens
     ngram_min: int = 1
     # keys and values in the model's dtype (auto), or float32 / bfloat16 / float16 under a

@@ -5,6 +5,14 @@ up to k guesses, by prompt lookup or with a draft model; the runner feeds the la
 guesses of every such request in one forward pass and `model.speculative.verify` keeps what the
 target model agrees with (see there for the rule that keeps sampling exact).
 
+How many guesses a request gets adapts to how its guesses fare, as Hugging Face's assisted
+generation does: after a check that kept every guess the next proposal may be two longer, after
+one that rejected some it is one shorter than the last (between 1 and `num_tokens`). A check of k
+guesses costs more than a plain step (k + 1 rows through every weight), so long proposals pay only
+while they keep being accepted: in a stretch that repeats the context they grow to the cap, and
+in free text they stay short. In the engine, on the prompt-repeating benchmark at one stream,
+this took a cap of 8 from 1.52x to 1.56x plain decoding (3 guesses every step: 1.47x).
+
 A request speculates when the server has a method and the request did not opt out, and when its
 next tokens do not depend on each other in ways one pass cannot see: no repetition, presence or
 frequency penalty, no log-probabilities asked, past `min_tokens`, and at least two tokens left;
@@ -66,6 +74,7 @@ class Speculator:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_tokens}")
         self._draft_cache: KVCache | None = None
         self._draft_computed: dict[str, tuple[int, int]] = {}  # request -> (slot, tokens)
+        self._lengths: dict[str, int] = {}  # request -> guesses its next proposal may have
         if self.method == "draft":
             if self.draft_model is None:
                 raise ValueError("the draft method needs a draft model")
@@ -85,7 +94,7 @@ class Speculator:
         )
         if self._draft_cache is not None:
             room = min(room, self._draft_cache.max_seq_len - request.num_tokens)
-        return max(0, min(self.num_tokens, room))
+        return max(0, min(self._lengths.get(request.request_id, self.num_tokens), room))
 
     def propose(self, requests: list[Request], states: list[SamplingState]) -> list[Proposal]:
         """Guesses for the requests that can take some; the others are left out."""
@@ -168,16 +177,23 @@ class Speculator:
         return proposals
 
     def accepted(self, proposal: Proposal, num_accepted: int) -> None:
-        """Record a verification: count it, and keep the draft cache's valid length."""
-        self.stats.num_draft_tokens += len(proposal.guesses)
+        """Record a verification: count it, size the request's next proposal (see the module
+        doc), and keep the draft cache's valid length."""
+        proposed = len(proposal.guesses)
+        self.stats.num_draft_tokens += proposed
         self.stats.num_accepted_tokens += num_accepted
         self.stats.num_verify_rows += 1
         request = proposal.request
+        if num_accepted == proposed:
+            self._lengths[request.request_id] = min(self.num_tokens, proposed + 2)
+        else:
+            self._lengths[request.request_id] = max(1, proposed - 1)
         if self._draft_cache is not None:
             # The draft fed the last token and every guess but the last one.
-            valid = request.num_tokens + min(num_accepted, len(proposal.guesses) - 1)
+            valid = request.num_tokens + min(num_accepted, proposed - 1)
             self._draft_computed[request.request_id] = (request.held_slot, valid)
 
     def release(self, request_id: str) -> None:
         """Forget a finished request."""
         self._draft_computed.pop(request_id, None)
+        self._lengths.pop(request_id, None)
