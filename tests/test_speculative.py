@@ -156,6 +156,28 @@ def test_each_requests_guess_count_follows_how_its_guesses_fare() -> None:
     assert speculator.budget(short) == 2  # and the room left still bounds it
 
 
+def test_steps_with_more_requests_than_the_speculation_batch_decode_plainly() -> None:
+    model = make_model(seed=3)
+    greedy = SamplingParams(temperature=0.0)
+    # No prefix reuse: the three prompts (the same) are computed in one step and decode together
+    # for their first 6 tokens; then one ends and two remain.
+    engine = greedy_engine("ngram", model, None, speculative_max_batch_size=2, reuse_prefixes=False)
+    stats = engine.runner.speculator.stats  # type: ignore[union-attr]
+    lengths = [7, 30, 30]
+    requests = [
+        engine.add_request(REPEATING, greedy, StopParams(n, ignore_eos=True)) for n in lengths
+    ]
+    drafted_while_three = None
+    while engine.has_work():
+        engine.step()
+        if requests[0].finish_reason is None:
+            drafted_while_three = stats.num_draft_tokens
+    assert drafted_while_three == 0  # three decoding rows: more than 2, no guesses
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0  # two: guesses again
+    for request, n in zip(requests, lengths, strict=True):
+        assert request.output_token_ids == generate(model, REPEATING, n)
+
+
 def test_stop_string_and_eos_inside_accepted_guesses() -> None:
     model = make_model(seed=3)
     plain = greedy_engine("none", model)

@@ -94,6 +94,7 @@ def engine_config(
         reuse_prefixes=settings.prefix_caching,
         speculative_method=settings.speculative_method,
         num_speculative_tokens=settings.num_speculative_tokens,
+        speculative_max_batch_size=settings.speculative_max_batch_size,
         kv_cache_dtype=kv_cache_dtype or settings.kv_cache_dtype,
     )
 

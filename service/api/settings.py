@@ -100,6 +100,12 @@ class Settings(BaseSettings):
         description="the most guesses checked per step with speculative decoding; each request's "
         "count adapts: two more after a step that kept them all, one fewer after a rejection",
     )
+    speculative_max_batch_size: int = Field(
+        default=4,
+        ge=1,
+        description="speculate only in steps that decode at most this many requests: beyond a "
+        "few rows a CPU step is compute-bound and guesses cost more than they gain",
+    )
     draft_model: str | None = Field(
         default=None,
         description="the draft model for --speculative-method draft: a smaller model with the "

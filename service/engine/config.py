@@ -24,6 +24,8 @@ class EngineConfig:
     reuse_prefixes: bool = True
     speculative_method: str = "none"  # none, ngram (prompt lookup) or draft (a draft model)
     num_speculative_tokens: int = 8  # the most guesses checked per step (see speculation.py)
+    # speculate only in steps that decode at most this many requests (see speculation.py)
+    speculative_max_batch_size: int = 4
     ngram_max: int = 4  # prompt lookup matches the last ngram_max .. ngram_min tokens
     ngram_min: int = 1
     # keys and values in the model's dtype (auto), or float32 / bfloat16 / float16 under a
@@ -45,6 +47,11 @@ class EngineConfig:
             )
         if self.num_speculative_tokens < 1 or not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError("num_speculative_tokens must be >= 1 and 1 <= ngram_min <= ngram_max")
+        if not is_int(self.speculative_max_batch_size) or self.speculative_max_batch_size < 1:
+            raise ValueError(
+                "speculative_max_batch_size must be an integer >= 1, "
+                f"got {self.speculative_max_batch_size!r}"
+            )
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(
                 f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "

@@ -72,6 +72,7 @@ class LLMEngine:
             speculator = Speculator(
                 method=self.config.speculative_method,
                 num_tokens=self.config.num_speculative_tokens,
+                max_batch_size=self.config.speculative_max_batch_size,
                 max_model_len=self.max_model_len,
                 vocab_size=self.vocab_size,
                 max_ngram=self.config.ngram_max,

@@ -114,7 +114,8 @@ class ModelRunner:
                 logits = self.model.logits(hidden[rows, last])  # (K, vocab)
                 parts.append(([work.prefills[i].request for i in keep], logits))
         decodes = work.decodes
-        if decodes and self.speculator is not None:
+        speculator = self.speculator
+        if decodes and speculator is not None and len(decodes) <= speculator.max_batch_size:
             decodes = self._speculate(decodes, result)
         if decodes:
             parts.append(self._run_decode(decodes))
