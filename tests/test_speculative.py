@@ -21,7 +21,11 @@ from service.engine.errors import InvalidRequestError
 from service.engine.llm_engine import LLMEngine
 from service.engine.params import StopParams
 from service.engine.request import FinishReason
-from service.engine.speculation import Proposal
+from service.engine.speculation import (
+    CPU_SPECULATIVE_MAX_BATCH_SIZE,
+    Proposal,
+    speculation_batch_limit,
+)
 
 TOKENIZER = Tokenizer.default()
 REPEATING = TOKENIZER.encode("the cat sat on the mat. " * 4 + "the cat sat on the")
@@ -156,12 +160,16 @@ def test_each_requests_guess_count_follows_how_its_guesses_fare() -> None:
     assert speculator.budget(short) == 2  # and the room left still bounds it
 
 
-def test_steps_with_more_requests_than_the_speculation_batch_decode_plainly() -> None:
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_steps_with_more_requests_than_the_speculation_batch_decode_plainly(method: str) -> None:
     model = make_model(seed=3)
+    # A draft equal to the target has every guess accepted, unless its cache fell out of step
+    # while the steps did not speculate.
+    draft = make_model(seed=3) if method == "draft" else None
     greedy = SamplingParams(temperature=0.0)
     # No prefix reuse: the three prompts (the same) are computed in one step and decode together
     # for their first 6 tokens; then one ends and two remain.
-    engine = greedy_engine("ngram", model, None, speculative_max_batch_size=2, reuse_prefixes=False)
+    engine = greedy_engine(method, model, draft, speculative_max_batch_size=2, reuse_prefixes=False)
     stats = engine.runner.speculator.stats  # type: ignore[union-attr]
     lengths = [7, 30, 30]
     requests = [
@@ -174,8 +182,39 @@ def test_steps_with_more_requests_than_the_speculation_batch_decode_plainly() ->
             drafted_while_three = stats.num_draft_tokens
     assert drafted_while_three == 0  # three decoding rows: more than 2, no guesses
     assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0  # two: guesses again
+    if method == "draft":
+        assert stats.num_accepted_tokens == stats.num_draft_tokens
     for request, n in zip(requests, lengths, strict=True):
         assert request.output_token_ids == generate(model, REPEATING, n)
+
+
+def test_the_speculation_batch_limit_by_device() -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert speculation_batch_limit(None, cpu, 32) == CPU_SPECULATIVE_MAX_BATCH_SIZE == 4
+    assert speculation_batch_limit(None, gpu, 32) == 32  # every step of the batch
+    assert speculation_batch_limit(2, gpu, 32) == 2 and speculation_batch_limit(9, cpu, 32) == 9
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_ended_requests_leave_no_speculation_state(method: str) -> None:
+    model = make_model(seed=3)
+    draft = make_model(seed=4) if method == "draft" else None
+    engine = greedy_engine(method, model, draft, num_speculative_tokens=4)
+    speculator = engine.runner.speculator
+    assert speculator is not None
+    greedy = SamplingParams(temperature=0.0)
+    finishing = engine.add_request(REPEATING, greedy, StopParams(12, ignore_eos=True))
+    aborted = engine.add_request(REPEATING[:20], greedy, StopParams(40, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    assert aborted.request_id in speculator._lengths  # it has speculated
+    engine.abort(aborted.request_id)
+    assert aborted.request_id not in speculator._lengths
+    assert aborted.request_id not in speculator._draft_computed
+    while engine.has_work():
+        engine.step()
+    assert finishing.finish_reason is FinishReason.LENGTH
+    assert speculator._lengths == {} and speculator._draft_computed == {}
 
 
 def test_stop_string_and_eos_inside_accepted_guesses() -> None:

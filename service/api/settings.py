@@ -98,13 +98,15 @@ class Settings(BaseSettings):
         ge=1,
         le=16,
         description="the most guesses checked per step with speculative decoding; each request's "
-        "count adapts: two more after a step that kept them all, one fewer after a rejection",
+        "count adapts: up to two more than its last proposal after a check that kept them all, "
+        "one fewer after a rejection",
     )
-    speculative_max_batch_size: int = Field(
-        default=4,
+    speculative_max_batch_size: int | None = Field(
+        default=None,
         ge=1,
-        description="speculate only in steps that decode at most this many requests: beyond a "
-        "few rows a CPU step is compute-bound and guesses cost more than they gain",
+        description="speculate only in steps that decode at most this many requests (default: 4 "
+        "on a CPU, where beyond a few rows a step is compute-bound and guesses cost more than "
+        "they gain; no limit on a GPU)",
     )
     draft_model: str | None = Field(
         default=None,

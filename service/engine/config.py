@@ -24,8 +24,9 @@ class EngineConfig:
     reuse_prefixes: bool = True
     speculative_method: str = "none"  # none, ngram (prompt lookup) or draft (a draft model)
     num_speculative_tokens: int = 8  # the most guesses checked per step (see speculation.py)
-    # speculate only in steps that decode at most this many requests (see speculation.py)
-    speculative_max_batch_size: int = 4
+    # speculate only in steps that decode at most this many requests; None: a few on a CPU,
+    # any number on a GPU (see speculation.py)
+    speculative_max_batch_size: int | None = None
     ngram_max: int = 4  # prompt lookup matches the last ngram_max .. ngram_min tokens
     ngram_min: int = 1
     # keys and values in the model's dtype (auto), or float32 / bfloat16 / float16 under a
@@ -47,11 +48,9 @@ class EngineConfig:
             )
         if self.num_speculative_tokens < 1 or not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError("num_speculative_tokens must be >= 1 and 1 <= ngram_min <= ngram_max")
-        if not is_int(self.speculative_max_batch_size) or self.speculative_max_batch_size < 1:
-            raise ValueError(
-                "speculative_max_batch_size must be an integer >= 1, "
-                f"got {self.speculative_max_batch_size!r}"
-            )
+        limit = self.speculative_max_batch_size
+        if limit is not None and (not is_int(limit) or limit < 1):
+            raise ValueError(f"speculative_max_batch_size must be an integer >= 1, got {limit!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(
                 f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "

@@ -30,7 +30,7 @@ from service.engine.params import StopParams
 from service.engine.request import FinishReason, PromptLogprob, Request, RequestOutput
 from service.engine.runner import ModelRunner, SampledToken, StepResult
 from service.engine.scheduler import Scheduler, SchedulerOutput
-from service.engine.speculation import Speculator
+from service.engine.speculation import Speculator, speculation_batch_limit
 from service.engine.stats import EngineListener, EngineStats
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,9 @@ class LLMEngine:
             speculator = Speculator(
                 method=self.config.speculative_method,
                 num_tokens=self.config.num_speculative_tokens,
-                max_batch_size=self.config.speculative_max_batch_size,
+                max_batch_size=speculation_batch_limit(
+                    self.config.speculative_max_batch_size, model.device, self.config.max_batch_size
+                ),
                 max_model_len=self.max_model_len,
                 vocab_size=self.vocab_size,
                 max_ngram=self.config.ngram_max,

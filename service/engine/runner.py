@@ -320,7 +320,7 @@ class ModelRunner:
         """A request lost its slot: what was cached for it there is gone (its sampling state,
         generator included, stays)."""
         if self.speculator is not None:
-            self.speculator.release(request_id)
+            self.speculator.preempted(request_id)
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's per-request state (its generator and tensors)."""

@@ -5,9 +5,11 @@ up to k guesses, by prompt lookup or with a draft model; the runner feeds the la
 guesses of every such request in one forward pass and `model.speculative.verify` keeps what the
 target model agrees with (see there for the rule that keeps sampling exact).
 
-How many guesses a request gets adapts to how its guesses fare, as Hugging Face's assisted
-generation does: after a check that kept every guess the next proposal may be two longer, after
-one that rejected some it is one shorter than the last (between 1 and `num_tokens`). A check of k
+How many guesses a request may get adapts to how its guesses fare, much as Hugging Face's
+assisted generation does: after a check that kept every guess, up to two more than that
+proposal had (never fewer than were allowed before: prompt lookup often finds fewer than it may
+propose); after one that rejected some, one fewer than that proposal had; between 1 and
+`num_tokens`. A check of k
 guesses costs more than a plain step (k + 1 rows through every weight), so long proposals pay only
 while they keep being accepted: in a stretch that repeats the context they grow to the cap, and
 in free text they stay short. In the engine, on the prompt-repeating benchmark at one stream,
@@ -18,7 +20,7 @@ almost free: at one stream, and on a GPU at many. On a CPU a step turns compute-
 few rows, where every guess costs about what a request's own row does: measured in the engine on
 2 cores (float32, the prompt-repeating workload), prompt lookup gave 116 against 102 tok/s with 4
 requests at a time, but 95 against 151 with 8 and 132 against 254 with 32. So steps that decode
-more than `max_batch_size` requests (4 by default) decode plainly.
+more than `max_batch_size` requests decode plainly: 4 by default on a CPU, no limit on a GPU.
 
 A request speculates when the server has a method and the request did not opt out, and when its
 next tokens do not depend on each other in ways one pass cannot see: no repetition, presence or
@@ -40,6 +42,15 @@ from model.speculative import propose_ngram
 from service.engine.request import Request
 
 SPECULATIVE_METHODS = ("none", "ngram", "draft")
+CPU_SPECULATIVE_MAX_BATCH_SIZE = 4  # see the module doc
+
+
+def speculation_batch_limit(setting: int | None, device: torch.device, max_batch_size: int) -> int:
+    """The most decoding requests a step may have and still speculate: the setting, else a few
+    on a CPU (where a step turns compute-bound within a few rows) and the whole batch on a GPU."""
+    if setting is not None:
+        return setting
+    return CPU_SPECULATIVE_MAX_BATCH_SIZE if device.type == "cpu" else max_batch_size
 
 
 @dataclass
@@ -68,7 +79,7 @@ class Speculator:
     num_tokens: int
     max_model_len: int
     vocab_size: int
-    max_batch_size: int = 4  # speculate only in steps that decode at most this many requests
+    max_batch_size: int  # speculate only in steps that decode at most this many requests
     max_ngram: int = 4
     min_ngram: int = 1
     draft_model: GPT | None = None
@@ -193,13 +204,19 @@ class Speculator:
         self.stats.num_verify_rows += 1
         request = proposal.request
         if num_accepted == proposed:
-            self._lengths[request.request_id] = min(self.num_tokens, proposed + 2)
+            allowed = self._lengths.get(request.request_id, self.num_tokens)
+            self._lengths[request.request_id] = min(self.num_tokens, max(allowed, proposed + 2))
         else:
             self._lengths[request.request_id] = max(1, proposed - 1)
         if self._draft_cache is not None:
             # The draft fed the last token and every guess but the last one.
             valid = request.num_tokens + min(num_accepted, proposed - 1)
             self._draft_computed[request.request_id] = (request.held_slot, valid)
+
+    def preempted(self, request_id: str) -> None:
+        """A request lost its slot: its draft cache there is gone; how its guesses fare (the
+        text's doing, not the slot's) is kept."""
+        self._draft_computed.pop(request_id, None)
 
     def release(self, request_id: str) -> None:
         """Forget a finished request."""
