@@ -80,6 +80,7 @@ def test_summarise_model_size_and_limits_in_one_line() -> None:
         "quantization none",
     ):
         assert part in line
+    assert summary.speculation == "off" and "speculative decoding off, " in line
     for part in ("packed weights off", "threads", "context 1024 tokens", "3 batch slots"):
         assert part in line
     assert "KV cache 1.5 MiB, queue 7" in line  # no dtype named: the model's
@@ -99,6 +100,25 @@ def test_summary_names_a_kv_cache_dtype_other_than_the_models() -> None:
     with pytest.raises(SystemExit):
         parse("--kv-cache-dtype", "fp8")
     assert parse("--kv-cache-dtype", "float16").kv_cache_dtype == "float16"
+
+
+def test_summary_says_how_it_speculates() -> None:
+    config = EngineConfig(max_batch_size=3, speculative_method="ngram")
+    summary = summary_of(AsyncEngine(LLMEngine(make_tiny_model(), Tokenizer.default(), config)))
+    phrase = "prompt lookup, up to 8 guesses, in steps of at most 4 requests"  # CPU defaults
+    assert summary.speculation == phrase
+    assert f"speculative decoding {phrase}, " in summary.message()
+    config = EngineConfig(
+        max_batch_size=3,
+        speculative_method="draft",
+        num_speculative_tokens=5,
+        speculative_max_batch_size=2,
+    )
+    engine = LLMEngine(
+        make_tiny_model(), Tokenizer.default(), config, draft_model=make_tiny_model()
+    )
+    summary = summary_of(AsyncEngine(engine))
+    assert summary.speculation == "draft model, up to 5 guesses, in steps of at most 2 requests"
 
 
 def test_summary_says_int8_and_packed_weights() -> None:

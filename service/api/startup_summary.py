@@ -17,6 +17,7 @@ from model.kernel_choice import Int8Choice, KernelChoice
 from model.packed_linear import PackedLinear
 from model.quantize import RoutedInt8Linear
 from model.weight_layout import is_column_major
+from service.engine.speculation import Speculator
 
 MIB = 1024 * 1024
 
@@ -38,6 +39,7 @@ class StartupSummary:
     packed_weights: bool
     linear_kernels: str  # which matrix kernel runs at which row count
     batch_invariant: bool
+    speculation: str  # "off", or the method and its limits
     num_threads: int  # torch's CPU threads
     context_window: int  # tokens
     batch_slots: int
@@ -62,6 +64,7 @@ class StartupSummary:
             f"packed weights {'on' if self.packed_weights else 'off'} "
             f"({self.linear_kernels}), "
             f"batch-invariant {'on' if self.batch_invariant else 'off'}, "
+            f"speculative decoding {self.speculation}, "
             f"{self.num_threads} threads; "
             f"context {self.context_window} tokens, {self.batch_slots} batch slots, "
             f"KV cache {self.kv_cache_bytes / MIB:.1f} MiB{kv_dtype}, queue {self.max_queue}"
@@ -115,6 +118,17 @@ def linear_kernels_of(model: nn.Module) -> str:
     return "MKL" if model_device_type(model) == "cpu" else "cuBLAS"
 
 
+def speculation_of(speculator: Speculator | None) -> str:
+    """One phrase for the start-up line: off, or how guesses are made and within what limits."""
+    if speculator is None:
+        return "off"
+    method = "prompt lookup" if speculator.method == "ngram" else "draft model"
+    return (
+        f"{method}, up to {speculator.num_tokens} guesses, "
+        f"in steps of at most {speculator.max_batch_size} requests"
+    )
+
+
 def model_device_type(model: nn.Module) -> str:
     """The type of the device the first parameter lives on."""
     return next(model.parameters()).device.type
@@ -153,6 +167,7 @@ def startup_summary(app: FastAPI, host: str, port: int) -> StartupSummary:
         packed_weights=any(isinstance(module, PackedLinear) for module in model.modules()),
         linear_kernels=linear_kernels_of(model),
         batch_invariant=any(isinstance(module, InvariantLinear) for module in model.modules()),
+        speculation=speculation_of(engine.runner.speculator),
         num_threads=torch.get_num_threads(),
         context_window=engine.max_model_len,
         batch_slots=engine.config.max_batch_size,
