@@ -5,15 +5,14 @@ up to k guesses, by prompt lookup or with a draft model; the runner feeds the la
 guesses of every such request in one forward pass and `model.speculative.verify` keeps what the
 target model agrees with (see there for the rule that keeps sampling exact).
 
-How many guesses a request may get adapts to how its guesses fare, much as Hugging Face's
-assisted generation does: after a check that kept every guess, up to two more than that
-proposal had (never fewer than were allowed before: prompt lookup often finds fewer than it may
-propose); after one that rejected some, one fewer than that proposal had; between 1 and
-`num_tokens`. A check of k
+How many guesses a request may get adapts to how its guesses fare, much as Hugging Face's assisted
+generation does: after a check that kept every guess, up to two more than that proposal had (never
+fewer than were allowed before: prompt lookup often finds fewer than it may propose); after one
+that rejected some, one fewer than that proposal had; between 1 and `num_tokens`. A check of k
 guesses costs more than a plain step (k + 1 rows through every weight), so long proposals pay only
-while they keep being accepted: in a stretch that repeats the context they grow to the cap, and
-in free text they stay short. In the engine, on the prompt-repeating benchmark at one stream,
-this took a cap of 8 from 1.52x to 1.56x plain decoding (3 guesses every step: 1.47x).
+while they keep being accepted: in a stretch that repeats the context they grow to the cap, and in
+free text they stay short. In the engine, on the prompt-repeating benchmark at one stream, this
+took a cap of 8 from 1.52x to 1.56x plain decoding (3 guesses every step: 1.47x).
 
 Checking guesses pays while a step is bound by reading the weights, so that extra rows come
 almost free: at one stream, and on a GPU at many. On a CPU a step turns compute-bound within a
