@@ -83,7 +83,7 @@ def greedy_engine(method: str, model=None, draft=None, **config) -> LLMEngine:  
     return LLMEngine(
         model or make_model(seed=3),
         TOKENIZER,
-        EngineConfig(max_batch_size=6, speculative_method=method, **config),
+        EngineConfig(**({"max_batch_size": 6} | config), speculative_method=method),
         draft_model=draft,
     )
 
@@ -148,6 +148,7 @@ def test_each_requests_guess_count_follows_how_its_guesses_fare() -> None:
     assert check(5, 0) == 4
     assert check(2, 2) == 4  # all kept: two more than were proposed
     assert check(4, 4) == 6
+    assert check(1, 1) == 6  # a short proposal kept whole leaves the allowance as it was
     assert check(6, 6) == 6  # never past the cap
     assert check(1, 0) == 1  # never below one
     assert check(1, 0) == 1
@@ -215,6 +216,32 @@ def test_ended_requests_leave_no_speculation_state(method: str) -> None:
         engine.step()
     assert finishing.finish_reason is FinishReason.LENGTH
     assert speculator._lengths == {} and speculator._draft_computed == {}
+
+
+def test_a_preempted_request_keeps_its_guess_count_but_not_its_draft_cache() -> None:
+    model = make_model(seed=3)
+    engine = greedy_engine(
+        "draft", model, make_model(seed=4), num_speculative_tokens=4, max_batch_size=1
+    )
+    speculator = engine.runner.speculator
+    assert speculator is not None
+    greedy = SamplingParams(temperature=0.0)
+    target = engine.add_request(
+        REPEATING, greedy, StopParams(30, ignore_eos=True), client_id="a", priority=1
+    )
+    for _ in range(3):
+        engine.step()
+    allowed = speculator._lengths[target.request_id]
+    assert target.request_id in speculator._draft_computed
+    # A more urgent request takes the only slot: the target is preempted at the next step.
+    urgent = engine.add_request([1, 2, 3] * 5, greedy, StopParams(4), priority=0)
+    engine.step()
+    assert target.slot is None and urgent.slot is not None  # preempted for the urgent one
+    assert speculator._lengths[target.request_id] == allowed  # the text's doing: kept
+    assert target.request_id not in speculator._draft_computed  # its slot's cache: gone
+    while engine.has_work():
+        engine.step()
+    assert target.output_token_ids == generate(model, REPEATING, 30)
 
 
 def test_stop_string_and_eos_inside_accepted_guesses() -> None:
