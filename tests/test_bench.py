@@ -75,7 +75,10 @@ class FakeServer:
     async def completions(self, request: Request) -> Response:
         behaviour = self.behaviour
         body = await request.json()
-        self.received.append({"body": body, "headers": dict(request.headers)})
+        client_port = request.client.port if request.client else None
+        self.received.append(
+            {"body": body, "headers": dict(request.headers), "client_port": client_port}
+        )
         if behaviour.api_key and request.headers.get("authorization") != (
             f"Bearer {behaviour.api_key}"
         ):
@@ -312,6 +315,13 @@ def test_overlap_concurrent_requests(fake_server: FakeServer, tokenizer: Tokeniz
     assert fake_server.max_in_flight == 8
     one_request_seconds = 0.05 + 9 * 0.02
     assert level.wall_seconds < 8 * one_request_seconds / 3
+
+
+def test_keep_one_connection_per_worker(fake_server: FakeServer, tokenizer: Tokenizer) -> None:
+    config = _config(fake_server, concurrency_levels=(2,), num_requests=6, max_tokens=3)
+    (level,) = _run(config, tokenizer).levels
+    assert level.num_ok == 6
+    assert len({received["client_port"] for received in fake_server.received}) == 2
 
 
 @pytest.mark.parametrize(

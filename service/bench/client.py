@@ -9,9 +9,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
 from service.bench.config import BenchConfig, BenchError
+from service.bench.http import ConnectionPool, HttpError, rest_of_lines, split_lines
 from service.bench.sse import DONE, SseDecoder
 
 MAX_ERROR_CHARS = 300
@@ -104,7 +103,7 @@ def build_payload(config: BenchConfig, model: str, prompt: list[int] | str) -> d
 
 
 async def send_request(
-    client: httpx.AsyncClient,
+    client: ConnectionPool,
     url: str,
     payload: dict[str, Any],
     headers: dict[str, str],
@@ -119,7 +118,7 @@ async def send_request(
         result.error = f"timed out after {timeout:g} s"
     except RequestFailed as error:
         result.error = str(error)
-    except httpx.HTTPError as error:
+    except HttpError as error:
         result.error = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
     except Exception as error:  # one odd request must not end the benchmark
         result.error = f"unexpected {type(error).__name__}: {error}"
@@ -130,25 +129,39 @@ async def send_request(
 
 
 async def _stream(
-    client: httpx.AsyncClient,
+    client: ConnectionPool,
     url: str,
     payload: dict[str, Any],
     headers: dict[str, str],
     result: RequestResult,
 ) -> None:
-    async with client.stream("POST", url, json=payload, headers=headers) as response:
-        if response.status_code != 200:
-            body = await response.aread()
-            raise RequestFailed(f"HTTP {response.status_code}: {describe_error_body(body)}")
+    body = json.dumps(payload).encode()
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **headers}
+    async with client.request("POST", url, headers, body) as response:
+        if response.status != 200:
+            text = await response.read()
+            raise RequestFailed(f"HTTP {response.status}: {describe_error_body(text)}")
         content_type = response.headers.get("content-type", "")
         if not content_type.startswith("text/event-stream"):
-            body = await response.aread()
+            text = await response.read()
             raise RequestFailed(
                 f"expected a text/event-stream response, got {content_type or 'no content type'}"
-                f": {describe_error_body(body)}"
+                f": {describe_error_body(text)}"
             )
         decoder = SseDecoder()
-        async for line in response.aiter_lines():
+        pending = bytearray()
+        done = False
+        async for chunk in response.iter_chunks():
+            if done:  # read on to the body's end, so that the connection can be kept
+                continue
+            for line in split_lines(pending, chunk):
+                event = decoder.feed(line)
+                if event is not None and result.handle_event(event):
+                    done = True
+                    break
+        if done:
+            return
+        for line in rest_of_lines(pending):
             event = decoder.feed(line)
             if event is not None and result.handle_event(event):
                 return
@@ -183,21 +196,25 @@ def describe_error_body(body: bytes) -> str:
         return text[:MAX_ERROR_CHARS] or "(empty body)"
 
 
-async def fetch_model_name(client: httpx.AsyncClient, config: BenchConfig) -> str:
+async def fetch_model_name(client: ConnectionPool, config: BenchConfig) -> str:
     """The first model that GET /v1/models lists."""
     url = config.models_url
     hint = "; pass --model to skip this lookup"
+
+    async def get() -> tuple[int, bytes]:
+        async with client.request("GET", url, config.headers()) as response:
+            return response.status, await response.read()
+
     try:
-        response = await client.get(url, headers=config.headers(), timeout=config.timeout)
-    except httpx.HTTPError as error:
-        raise BenchError(f"cannot reach {url}: {type(error).__name__}: {error}{hint}") from None
-    if response.status_code != 200:
-        message = describe_error_body(response.content)
-        raise BenchError(f"GET {url} answered HTTP {response.status_code}: {message}{hint}")
+        status, body = await asyncio.wait_for(get(), config.timeout)
+    except (HttpError, asyncio.TimeoutError) as error:
+        name = type(error).__name__
+        raise BenchError(f"cannot reach {url}: {name}: {error}{hint}") from None
+    if status != 200:
+        message = describe_error_body(body)
+        raise BenchError(f"GET {url} answered HTTP {status}: {message}{hint}")
     try:
-        models = response.json()["data"]
+        models = json.loads(body)["data"]
         return str(models[0]["id"])
     except (ValueError, KeyError, IndexError, TypeError):
-        raise BenchError(
-            f"GET {url} did not list any model: {response.text[:200]!r}{hint}"
-        ) from None
+        raise BenchError(f"GET {url} did not list any model: {body[:200]!r}{hint}") from None

@@ -10,12 +10,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import httpx
 from tqdm import tqdm
 
 from model.tokenizer import Tokenizer
 from service.bench.client import RequestResult, build_payload, fetch_model_name, send_request
 from service.bench.config import BenchConfig
+from service.bench.http import ConnectionPool
 from service.bench.prompts import PromptFactory
 from service.bench.report import LevelSummary, summarize
 
@@ -47,7 +47,7 @@ class _LoadGenerator:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: ConnectionPool,
         config: BenchConfig,
         model: str,
         prompts: PromptFactory,
@@ -115,16 +115,10 @@ async def run_benchmark(
     """
     prompts = PromptFactory(tokenizer or Tokenizer.default(), config.prompt_tokens, config.seed)
     max_concurrency = max(config.concurrency_levels)
-    async with httpx.AsyncClient(
-        timeout=httpx.Timeout(config.timeout),
-        # One connection per worker, so requests never queue inside the client.
-        limits=httpx.Limits(
-            max_connections=max_concurrency, max_keepalive_connections=max_concurrency
-        ),
-        # Only the given URL: no proxies or netrc from the environment, no redirects.
-        trust_env=False,
-        follow_redirects=False,
-    ) as client:
+    # One keep-alive connection per worker, so requests never queue inside the client; only the
+    # given URL: no proxies from the environment, no redirects.
+    client = ConnectionPool(connect_timeout=config.timeout)
+    try:
         model = config.model or await fetch_model_name(client, config)
         load = _LoadGenerator(client, config, model, prompts, itertools.count())
         warmup = None
@@ -144,4 +138,6 @@ async def run_benchmark(
             summaries.append(summary)
             if on_level_done is not None:
                 on_level_done(summary)
+    finally:
+        await client.aclose()
     return BenchResult(config=config, model=model, warmup=warmup, levels=summaries)

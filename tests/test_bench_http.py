@@ -1,0 +1,208 @@
+"""The load generator's HTTP/1.1 client against a raw TCP server that answers with set bytes:
+body framings, keep-alive reuse, a connection the server closed while idle, bad responses."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from service.bench.http import (
+    ConnectError,
+    ConnectionPool,
+    HttpError,
+    ProtocolError,
+    rest_of_lines,
+    split_lines,
+)
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[str, bytes]:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    length = 0
+    for line in head.split("\r\n"):
+        name, _, value = line.partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    body = await reader.readexactly(length) if length else b""
+    return head, body
+
+
+class RawServer:
+    """Counts connections; `answers` are sent in turn, one per request, whatever the request."""
+
+    def __init__(self, answers: list[bytes], close_after: bool = False) -> None:
+        self.answers = answers
+        self.close_after = close_after  # close each connection after one answer
+        self.connections = 0
+        self.requests: list[tuple[str, bytes]] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> RawServer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/completions"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while self.answers:
+                self.requests.append(await _read_request(reader))
+                writer.write(self.answers.pop(0))
+                await writer.drain()
+                if self.close_after:
+                    break
+        except asyncio.IncompleteReadError:
+            pass
+        finally:
+            writer.close()
+
+
+def _chunked(*pieces: bytes) -> bytes:
+    body = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces)
+    return (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        b"transfer-encoding: chunked\r\n\r\n" + body + b"0\r\n\r\n"
+    )
+
+
+async def _get_lines(pool: ConnectionPool, url: str) -> tuple[int, list[str], bool]:
+    lines: list[str] = []
+    pending = bytearray()
+    async with pool.request("POST", url, {"Content-Type": "application/json"}, b"{}") as response:
+        async for chunk in response.iter_chunks():
+            lines += split_lines(pending, chunk)
+        lines += rest_of_lines(pending)
+        return response.status, lines, response.reusable
+
+
+def test_chunked_stream_split_anywhere_and_connection_kept() -> None:
+    # Events split mid-line and mid-character across chunks, CRLF and LF endings, no final LF.
+    euro = "data: caf\u00e9 \u20ac".encode()
+    answer = _chunked(
+        b"data: one\r\n\r\nda", b"ta: two\n", b"\n" + euro[:-2], euro[-2:] + b"\n\nend"
+    )
+
+    async def main() -> None:
+        async with RawServer([answer, answer]) as server:
+            pool = ConnectionPool()
+            for _ in range(2):
+                status, lines, reusable = await _get_lines(pool, server.url)
+                assert status == 200 and reusable
+                assert lines == [
+                    "data: one",
+                    "",
+                    "data: two",
+                    "",
+                    "data: caf\u00e9 \u20ac",
+                    "",
+                    "end",
+                ]
+            await pool.aclose()
+            assert server.connections == 1  # the second request went over the kept connection
+            head, body = server.requests[0]
+            assert head.startswith("POST /v1/completions HTTP/1.1\r\n")
+            assert f"Host: 127.0.0.1:{server.port}\r\n" in head and body == b"{}"
+
+    asyncio.run(main())
+
+
+def test_content_length_and_close_delimited_bodies() -> None:
+    fixed = (
+        b"HTTP/1.1 503 Busy\r\nContent-Length: 11\r\nContent-Type: text/plain\r\n\r\nbusy, later"
+    )
+    until_close = b"HTTP/1.0 200 OK\r\n\r\nthe rest\nof it"
+
+    async def main() -> None:
+        async with RawServer([fixed, until_close]) as server:
+            pool = ConnectionPool()
+            async with pool.request("GET", server.url) as response:
+                assert (response.status, await response.read()) == (503, b"busy, later")
+                assert response.headers["content-type"] == "text/plain" and response.reusable
+            status, lines, reusable = await _get_lines(pool, server.url)
+            assert (status, lines, reusable) == (200, ["the rest", "of it"], False)
+            assert server.connections == 1
+            await pool.aclose()
+
+    asyncio.run(main())
+
+
+def test_retry_once_when_an_idle_connection_was_closed() -> None:
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    async def main() -> None:
+        async with RawServer([ok, ok], close_after=True) as server:
+            pool = ConnectionPool()
+            for _ in range(2):
+                async with pool.request("GET", server.url) as response:
+                    assert await response.read() == b"ok"
+            assert server.connections == 2
+            await pool.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_body_left_unread_closes_the_connection() -> None:
+    answer = _chunked(b"data: one\n\n", b"data: two\n\n")
+
+    async def main() -> None:
+        async with RawServer([answer, answer]) as server:
+            pool = ConnectionPool()
+            async with pool.request("GET", server.url) as response:
+                assert response.status == 200 and not response.reusable
+            async with pool.request("GET", server.url) as response:
+                assert b"data: two" in await response.read()
+            assert server.connections == 2
+            await pool.aclose()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (b"SSH-2.0-OpenSSH\r\n\r\n", "not an HTTP/1.x response"),
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n9\r\nshort", "mid-body"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort", "before the body's end"),
+        (b"", "connection closed before a response"),
+    ],
+)
+def test_report_broken_responses(answer: bytes, message: str) -> None:
+    async def main() -> None:
+        async with RawServer([answer], close_after=True) as server:
+            pool = ConnectionPool()
+            with pytest.raises(ProtocolError, match=message):
+                async with pool.request("GET", server.url) as response:
+                    await response.read()
+            await pool.aclose()
+
+    asyncio.run(main())
+
+
+def test_report_refused_connections_and_bad_urls() -> None:
+    async def main() -> None:
+        async with RawServer([]) as server:
+            url = server.url
+        pool = ConnectionPool(connect_timeout=5)
+        with pytest.raises(ConnectError):
+            async with pool.request("GET", url):
+                pass
+        with pytest.raises(HttpError, match="not an http"):
+            async with pool.request("GET", "ftp://example.invalid/"):
+                pass
+
+    asyncio.run(main())
