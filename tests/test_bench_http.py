@@ -120,18 +120,25 @@ def test_chunked_stream_split_anywhere_and_connection_kept() -> None:
     asyncio.run(main())
 
 
-def test_content_length_and_close_delimited_bodies() -> None:
+def test_content_length_empty_and_close_delimited_bodies() -> None:
     fixed = (
         b"HTTP/1.1 503 Busy\r\nContent-Length: 11\r\nContent-Type: text/plain\r\n\r\nbusy, later"
     )
+    no_content = b"HTTP/1.1 204 No Content\r\n\r\n"
     until_close = b"HTTP/1.0 200 OK\r\n\r\nthe rest\nof it"
 
     async def main() -> None:
-        async with RawServer([fixed, until_close]) as server:
+        async with RawServer([fixed, no_content, until_close]) as server:
             pool = ConnectionPool()
             async with pool.request("GET", server.url) as response:
                 assert (response.status, await response.read()) == (503, b"busy, later")
                 assert response.headers["content-type"] == "text/plain" and response.reusable
+            async with pool.request("GET", server.url) as response:
+                assert (response.status, await response.read(), response.reusable) == (
+                    204,
+                    b"",
+                    True,
+                )
             status, lines, reusable = await _get_lines(pool, server.url)
             assert (status, lines, reusable) == (200, ["the rest", "of it"], False)
             assert server.connections == 1
