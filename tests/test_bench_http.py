@@ -1,10 +1,14 @@
 """The load generator's HTTP/1.1 client against a raw TCP server that answers with set bytes:
-body framings, keep-alive reuse, a connection the server closed while idle, bad responses."""
+body framings, keep-alive reuse, a connection the server closed while idle, bad responses, TLS."""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
+import subprocess
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -40,10 +44,11 @@ class RawServer:
         self.connections = 0
         self.requests: list[tuple[str, bytes]] = []
         self.port = 0
+        self.ssl: ssl.SSLContext | None = None
         self._server: asyncio.Server | None = None
 
     async def __aenter__(self) -> RawServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -211,5 +216,35 @@ def test_report_refused_connections_and_bad_urls() -> None:
         with pytest.raises(HttpError, match="not an http"):
             async with pool.request("GET", "ftp://example.invalid/"):
                 pass
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_https_with_a_trusted_certificate(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    answer = _chunked(b"data: over tls\n\n")
+
+    async def main() -> None:
+        server = RawServer([answer, answer])
+        server.ssl = server_context
+        async with server:
+            url = server.url.replace("http://", "https://")
+            trusting = ConnectionPool(ssl_context=ssl.create_default_context(cafile=str(cert)))
+            status, lines, reusable = await _get_lines(trusting, url)
+            assert (status, lines, reusable) == (200, ["data: over tls", ""], True)
+            await trusting.aclose()
+            with pytest.raises(ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                async with ConnectionPool().request("GET", url):  # the system's trust store
+                    pass
 
     asyncio.run(main())

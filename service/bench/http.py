@@ -111,10 +111,12 @@ class _Connection:
 class ConnectionPool:
     """Keep-alive connections to any number of origins; one request per connection at a time."""
 
-    def __init__(self, connect_timeout: float = 30.0) -> None:
+    def __init__(
+        self, connect_timeout: float = 30.0, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self.connect_timeout = connect_timeout
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl = ssl_context  # for https; the system's trusted certificates when None
 
     @contextlib.asynccontextmanager
     async def request(
