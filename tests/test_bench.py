@@ -321,6 +321,8 @@ def test_keep_one_connection_per_worker(fake_server: FakeServer, tokenizer: Toke
     config = _config(fake_server, concurrency_levels=(2,), num_requests=6, max_tokens=3)
     (level,) = _run(config, tokenizer).levels
     assert level.num_ok == 6
+    # Measured over the level (here it includes the fake server's thread: the same process).
+    assert level.client_cpu_percent is not None and level.client_cpu_percent > 0
     assert len({received["client_port"] for received in fake_server.received}) == 2
 
 
@@ -396,21 +398,23 @@ def test_summarize_known_results() -> None:
     assert summary.itl_p99_ms == pytest.approx(298.0)
     assert summary.e2e_p50_ms == pytest.approx(1500.0)
     assert summary.first_error == "HTTP 500: boom"
+    assert summary.client_cpu_percent is None  # not measured
+    assert summarize(4, [fast], 2.0, client_cpu_seconds=0.5).client_cpu_percent == 25.0
 
 
 def test_format_table_columns() -> None:
     done = RequestResult(start=0.0, end=1.0, is_ok=True, chunk_times=[0.25, 0.5])
     failed = RequestResult(start=0.0, end=1.0, error="HTTP 429: queue full")
-    table = format_table([summarize(1, [done], 1.0), summarize(32, [failed], 1.0)])
+    table = format_table([summarize(1, [done], 1.0, 0.25), summarize(32, [failed], 1.0)])
     header, rule, row_1, row_32, error_line = table.splitlines()
     for column in ("concurrency", "ok", "failed", "wall s", "tok/s", "req/s", "TTFT p50 ms"):
         assert column in header
-    for column in ("TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "E2E p50 ms"):
+    for column in ("TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "E2E p50 ms", "client CPU %"):
         assert column in header
     assert set(rule) == {"-"} and len(rule) == len(header) == len(row_1) == len(row_32)
     assert row_1.split()[:6] == ["1", "1", "0", "1.00", "2.0", "1.00"]
-    assert row_1.split()[6:] == ["250.0", "250.0", "250.00", "250.00", "1000.0"]
-    assert row_32.split() == ["32", "0", "1", "1.00", "0.0", "0.00", *["-"] * 5]
+    assert row_1.split()[6:] == ["250.0", "250.0", "250.00", "250.00", "1000.0", "25"]
+    assert row_32.split() == ["32", "0", "1", "1.00", "0.0", "0.00", *["-"] * 6]
     assert error_line == "concurrency 32: 1 of 1 failed; first error: HTTP 429: queue full"
 
 

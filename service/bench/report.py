@@ -48,10 +48,16 @@ class LevelSummary:
     num_usage_reported: int  # ok requests whose token count came from the server's usage
     first_error: str | None = None
     errors: dict[str, int] = field(default_factory=dict)  # message -> count
+    # The load client's own CPU time over the level, in % of one core: on the server's machine,
+    # what the measurement took from the server.
+    client_cpu_percent: float | None = None
 
 
 def summarize(
-    concurrency: int, results: Sequence[RequestResult], wall_seconds: float
+    concurrency: int,
+    results: Sequence[RequestResult],
+    wall_seconds: float,
+    client_cpu_seconds: float | None = None,
 ) -> LevelSummary:
     """Aggregate the results of one level; only successful requests count towards throughput."""
     ok = [result for result in results if result.is_ok]
@@ -88,6 +94,11 @@ def summarize(
         num_usage_reported=sum(result.usage_completion_tokens is not None for result in ok),
         first_error=next(iter(errors), None),
         errors=dict(errors),
+        client_cpu_percent=(
+            100.0 * client_cpu_seconds / wall_seconds
+            if client_cpu_seconds is not None and wall_seconds > 0
+            else None
+        ),
     )
 
 
@@ -104,6 +115,7 @@ COLUMNS: list[tuple[str, int, str, str]] = [
     ("ITL p50 ms", 10, "itl_p50_ms", ".2f"),
     ("ITL p99 ms", 10, "itl_p99_ms", ".2f"),
     ("E2E p50 ms", 10, "e2e_p50_ms", ".1f"),
+    ("client CPU %", 12, "client_cpu_percent", ".0f"),
 ]
 
 

@@ -80,10 +80,11 @@ class _LoadGenerator:
                     results.append(await self._send_one())
                     progress.update(1)
 
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             await asyncio.gather(*(work() for _ in range(min(concurrency, num_requests))))
             wall_seconds = time.perf_counter() - start
-        return summarize(concurrency, results, wall_seconds)
+            cpu_seconds = time.process_time() - cpu_start
+        return summarize(concurrency, results, wall_seconds, cpu_seconds)
 
     async def _send_one(self) -> RequestResult:
         index = next(self.prompt_indices)

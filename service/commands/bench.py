@@ -14,8 +14,9 @@ llama.cpp server). For each concurrency level, that many workers send streamed
 POST {base_url}/v1/completions requests back to back until the level's requests are done,
 then one table row is printed: requests ok / failed, wall time, generated tokens/s, requests/s,
 time to first token (TTFT) and inter-token latency (ITL, the gaps between streamed chunks)
-p50 / p99, and end-to-end latency p50. Generated tokens are the server's usage count when it
-sends one (stream_options.include_usage), else the number of chunks that carry text.
+p50 / p99, end-to-end latency p50, and this client's own CPU use in % of one core (run on the
+server's machine, that much was taken from the server). Generated tokens are the server's usage
+count when it sends one (stream_options.include_usage), else the number of chunks with text.
 Every request gets a distinct prompt of exactly --prompt-tokens GPT-2 tokens. Only the given
 URL is ever contacted (no proxies from the environment, no redirects)."""
 
