@@ -37,6 +37,7 @@ from servers import BUNDLED, PEERS, parse_servers, running  # noqa: E402
 
 # Figures where less is better; their ratio is peer / ours, so above 1 is always ours ahead.
 LOWER_IS_BETTER = ("ms", "seconds", "time", "loss")
+NO_RATIO = ("client CPU",)  # context for a row, not a figure to compare
 
 
 def cpu_name() -> str:
@@ -122,7 +123,11 @@ def format_table(rows: list[tuple[str, workloads.Figures]]) -> str:
     for _, figures in rows:
         columns += [key for key in figures if key not in columns and key != workloads.DIGEST]
     reference = next((figures for name, figures in rows if name.startswith("ours")), None)
-    ratio_columns = [c for c in columns if reference and reference.get(c) is not None]
+    ratio_columns = [
+        c
+        for c in columns
+        if reference and reference.get(c) is not None and not any(w in c for w in NO_RATIO)
+    ]
     header = ["server", *columns, *(f"ours/x {c}" for c in ratio_columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, figures in rows:

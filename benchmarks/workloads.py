@@ -74,6 +74,8 @@ def decode(
             figures[f"failed @{level.concurrency}"] = float(level.num_failed)
     last = result.levels[-1]
     figures[f"TTFT p50 @{last.concurrency} ms"] = last.ttft_p50_ms
+    # What the load client took from the machine it shares with the server.
+    figures[f"client CPU % @{last.concurrency}"] = last.client_cpu_percent
     return figures
 
 
