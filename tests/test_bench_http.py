@@ -7,11 +7,13 @@ import asyncio
 import shutil
 import ssl
 import subprocess
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
+from service.bench.client import DRAIN_SECONDS, send_request
 from service.bench.http import (
     ConnectError,
     ConnectionPool,
@@ -152,7 +154,7 @@ def test_content_length_empty_and_close_delimited_bodies() -> None:
     asyncio.run(main())
 
 
-def test_retry_once_when_an_idle_connection_was_closed() -> None:
+def test_skip_a_kept_connection_the_server_closed_while_idle() -> None:
     ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
     async def main() -> None:
@@ -161,7 +163,26 @@ def test_retry_once_when_an_idle_connection_was_closed() -> None:
             for _ in range(2):
                 async with pool.request("GET", server.url) as response:
                     assert await response.read() == b"ok"
-            assert server.connections == 2
+                await asyncio.sleep(0.05)  # idle: the server's close arrives meanwhile
+            assert server.connections == 2 and len(server.requests) == 2
+            await pool.aclose()
+
+    asyncio.run(main())
+
+
+def test_never_send_a_request_twice() -> None:
+    # The server reads the second request on the kept connection and drops it unanswered.
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    async def main() -> None:
+        async with RawServer([ok, b""]) as server:
+            pool = ConnectionPool()
+            async with pool.request("POST", server.url, body=b"{}") as response:
+                assert await response.read() == b"ok"
+            with pytest.raises(ProtocolError, match="closed before a response"):
+                async with pool.request("POST", server.url, body=b"{}"):
+                    pass
+            assert len(server.requests) == 2 and server.connections == 1
             await pool.aclose()
 
     asyncio.run(main())
@@ -174,7 +195,7 @@ def test_a_body_left_unread_closes_the_connection() -> None:
         async with RawServer([answer, answer]) as server:
             pool = ConnectionPool()
             async with pool.request("GET", server.url) as response:
-                assert response.status == 200 and not response.reusable
+                assert response.status == 200  # and its body is left unread
             async with pool.request("GET", server.url) as response:
                 assert b"data: two" in await response.read()
             assert server.connections == 2
@@ -190,6 +211,8 @@ def test_a_body_left_unread_closes_the_connection() -> None:
         (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
         (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n9\r\nshort", "mid-body"),
         (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort", "before the body's end"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: -5\r\n\r\n", "bad Content-Length"),
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "switched protocols"),
         (b"", "connection closed before a response"),
     ],
 )
@@ -246,5 +269,43 @@ def test_https_with_a_trusted_certificate(tmp_path: Path) -> None:
             with pytest.raises(ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
                 async with ConnectionPool().request("GET", url):  # the system's trust store
                     pass
+
+    asyncio.run(main())
+
+
+def test_both_framings_close_the_connection_and_bad_utf8_is_replaced() -> None:
+    both = (
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 99\r\n\r\n"
+        b"9\r\ndata: \xff!\n\r\n0\r\n\r\n"
+    )
+
+    async def main() -> None:
+        async with RawServer([both]) as server:
+            pool = ConnectionPool()
+            status, lines, reusable = await _get_lines(pool, server.url)
+            assert (status, lines, reusable) == (200, ["data: \ufffd!"], False)
+            await pool.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_stream_left_open_after_done_still_counts() -> None:
+    event = b'data: {"choices": [{"text": "hi", "finish_reason": "length"}]}\n\n'
+    open_body = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        + b"%x\r\n%s\r\n" % (len(event), event)
+        + b"e\r\ndata: [DONE]\n\n\r\n"  # and no end mark: the body stays open
+    )
+
+    async def main() -> None:
+        async with RawServer([open_body]) as server:
+            pool = ConnectionPool()
+            started = time.perf_counter()
+            result = await send_request(pool, server.url, {"stream": True}, {}, timeout=10)
+            assert result.is_ok and len(result.chunk_times) == 1, result.error
+            assert result.e2e_latency < 0.5  # timed to [DONE], not to the drain's end
+            assert time.perf_counter() - started < DRAIN_SECONDS + 1
+            await pool.aclose()
+            assert server.connections == 1
 
     asyncio.run(main())

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +16,9 @@ from service.bench.http import ConnectionPool, HttpError, rest_of_lines, split_l
 from service.bench.sse import DONE, SseDecoder
 
 MAX_ERROR_CHARS = 300
+# After `[DONE]`, how long the rest of the body (usually just its end mark) may take to arrive
+# so that the connection can be kept; past that it is closed, and the request still counts.
+DRAIN_SECONDS = 1.0
 
 
 class RequestFailed(Exception):
@@ -122,7 +127,8 @@ async def send_request(
         result.error = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
     except Exception as error:  # one odd request must not end the benchmark
         result.error = f"unexpected {type(error).__name__}: {error}"
-    result.end = time.perf_counter()
+    if not result.end:  # set at `[DONE]` when the stream had one
+        result.end = time.perf_counter()
     if result.error is not None:
         result.error = result.error[:MAX_ERROR_CHARS]
     return result
@@ -150,17 +156,16 @@ async def _stream(
             )
         decoder = SseDecoder()
         pending = bytearray()
-        done = False
-        async for chunk in response.iter_chunks():
-            if done:  # read on to the body's end, so that the connection can be kept
-                continue
+        chunks = response.iter_chunks()
+        async for chunk in chunks:
             for line in split_lines(pending, chunk):
                 event = decoder.feed(line)
                 if event is not None and result.handle_event(event):
-                    done = True
-                    break
-        if done:
-            return
+                    result.end = time.perf_counter()
+                    # Read on to the body's end, so that the connection can be kept.
+                    with contextlib.suppress(HttpError, asyncio.TimeoutError):
+                        await asyncio.wait_for(_drain(chunks), DRAIN_SECONDS)
+                    return
         for line in rest_of_lines(pending):
             event = decoder.feed(line)
             if event is not None and result.handle_event(event):
@@ -171,6 +176,11 @@ async def _stream(
     # Some servers end the stream without [DONE]; a finish reason shows that it was complete.
     if result.finish_reason is None:
         raise RequestFailed("stream ended before 'data: [DONE]' and without a finish_reason")
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    async for _ in chunks:
+        pass
 
 
 def describe_error(body: Any) -> str:

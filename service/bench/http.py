@@ -10,7 +10,9 @@ without HTTP. Every server in a comparison is driven through this same client.
 Only what a completions benchmark needs: GET and POST over http or https, responses framed by
 `Transfer-Encoding: chunked`, `Content-Length` or the end of the connection, no proxies, no
 redirects, no compression. A connection goes back to the pool only after its response was read
-to the end and the server did not ask to close it.
+to the end and the server did not ask to close it. A request is never sent twice: a kept
+connection that the server has closed meanwhile is dropped before it is used, and a request that
+fails on a kept connection fails (as on a new one) rather than being sent again.
 """
 
 from __future__ import annotations
@@ -76,10 +78,10 @@ class Response:
                         raise ProtocolError("chunk not followed by CRLF")
                     yield data[:-2]
             elif "content-length" in self.headers:
-                try:
-                    remaining = int(self.headers["content-length"])
-                except ValueError:
-                    raise ProtocolError("bad Content-Length") from None
+                length = self.headers["content-length"]
+                if not length.isdigit():
+                    raise ProtocolError(f"bad Content-Length {length[:40]!r}")
+                remaining = int(length)
                 while remaining > 0:
                     data = await reader.read(min(remaining, 65536))
                     if not data:
@@ -117,6 +119,7 @@ class ConnectionPool:
         self.connect_timeout = connect_timeout
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._ssl = ssl_context  # for https; the system's trusted certificates when None
+        self._closed = False
 
     @contextlib.asynccontextmanager
     async def request(
@@ -131,7 +134,10 @@ class ConnectionPool:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise HttpError(f"not an http(s) URL: {url!r}")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as error:
+            raise HttpError(f"bad port in {url!r}: {error}") from None
         key = (parts.scheme, parts.hostname, port)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         host = parts.netloc.rpartition("@")[2]
@@ -140,29 +146,31 @@ class ConnectionPool:
         if body or method in ("POST", "PUT", "PATCH"):
             lines.append(f"Content-Length: {len(body)}")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        idle = self._idle.setdefault(key, [])
-        connection = idle.pop() if idle else None
+        connection = self._take_idle(key)
         response: Response | None = None
         try:
-            if connection is not None:
-                try:
-                    response = await self._send(connection, head + body)
-                except (ProtocolError, OSError):  # the server closed it while it was idle
-                    connection.close()
-                    connection = None
             if connection is None:
                 connection = await self._connect(key)
-                response = await self._send(connection, head + body)
-            assert response is not None
+            response = await self._send(connection, head + body)
             yield response
         except OSError as error:
             raise HttpError(f"{type(error).__name__}: {error}") from None
         finally:
             if connection is not None:
-                if response is not None and response.reusable:
-                    self._idle[key].append(connection)
+                if response is not None and response.reusable and not self._closed:
+                    self._idle.setdefault(key, []).append(connection)
                 else:
                     connection.close()
+
+    def _take_idle(self, key: tuple[str, str, int]) -> _Connection | None:
+        """A kept connection to `key` that the server has not closed meanwhile, if any."""
+        idle = self._idle.get(key, [])
+        while idle:
+            connection = idle.pop()
+            if not (connection.reader.at_eof() or connection.writer.is_closing()):
+                return connection
+            connection.close()
+        return None
 
     async def _send(self, connection: _Connection, data: bytes) -> Response:
         connection.writer.write(data)
@@ -202,25 +210,35 @@ class ConnectionPool:
                 status = int(rest[:3])
             except ValueError:
                 raise ProtocolError(f"bad status line {status_line[:60]!r}") from None
+            if status == 101:
+                raise ProtocolError("the server switched protocols")
             if 100 <= status < 200:  # an interim response: the real one follows
                 continue
             headers: dict[str, str] = {}
             for line in header_lines:
                 name, colon, value = line.partition(":")
                 if colon:
-                    headers[name.strip().lower()] = value.strip()
+                    name, value = name.strip().lower(), value.strip()
+                    headers[name] = f"{headers[name]}, {value}" if name in headers else value
             connection = headers.get("connection", "").lower()
-            keep_alive = "close" not in connection and (
-                version != "HTTP/1.0" or "keep-alive" in connection
+            keep_alive = (
+                "close" not in connection
+                and (version != "HTTP/1.0" or "keep-alive" in connection)
+                # Both framings at once: the body's end is in doubt, so the connection goes.
+                and not ("transfer-encoding" in headers and "content-length" in headers)
             )
             return Response(reader, status, headers, keep_alive)
 
     async def aclose(self) -> None:
-        """Close every idle connection."""
-        for connections in self._idle.values():
-            for connection in connections:
-                connection.close()
+        """Close every idle connection; connections still in use close when their request ends."""
+        self._closed = True
+        connections = [c for idle in self._idle.values() for c in idle]
         self._idle.clear()
+        for connection in connections:
+            connection.close()
+        for connection in connections:
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await connection.writer.wait_closed()
 
 
 def split_lines(buffer: bytearray, chunk: bytes) -> list[str]:
@@ -232,13 +250,14 @@ def split_lines(buffer: bytearray, chunk: bytes) -> list[str]:
         return []
     complete = bytes(buffer[:end])
     del buffer[: end + 1]
-    return [line.removesuffix("\r") for line in complete.decode("utf-8").split("\n")]
+    lines = complete.decode("utf-8", errors="replace").split("\n")  # as httpx's aiter_lines
+    return [line.removesuffix("\r") for line in lines]
 
 
 def rest_of_lines(buffer: bytearray) -> list[str]:
     """The last line of a body that did not end with a line ending, if any."""
     if not buffer:
         return []
-    line = bytes(buffer).decode("utf-8").removesuffix("\r")
+    line = bytes(buffer).decode("utf-8", errors="replace").removesuffix("\r")
     buffer.clear()
     return [line]
