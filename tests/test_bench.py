@@ -33,6 +33,7 @@ from service.bench import (
     run_benchmark,
     summarize,
 )
+from service.bench import runner as runner_module
 from service.bench.config import normalize_base_url
 from service.bench.sse import SseDecoder
 from service.cli import main
@@ -321,9 +322,18 @@ def test_keep_one_connection_per_worker(fake_server: FakeServer, tokenizer: Toke
     config = _config(fake_server, concurrency_levels=(2,), num_requests=6, max_tokens=3)
     (level,) = _run(config, tokenizer).levels
     assert level.num_ok == 6
-    # Measured over the level (here it includes the fake server's thread: the same process).
-    assert level.client_cpu_percent is not None and level.client_cpu_percent > 0
     assert len({received["client_port"] for received in fake_server.received}) == 2
+
+
+def test_report_the_clients_cpu_use(
+    fake_server: FakeServer, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fake server runs in this process, so its CPU time would count too: the client's
+    # clock is set here instead, 0.5 s of CPU over the level.
+    clock = iter([10.0, 10.5])
+    monkeypatch.setattr(runner_module.time, "process_time", lambda: next(clock))
+    (level,) = _run(_config(fake_server, num_requests=2), tokenizer).levels
+    assert level.client_cpu_percent == pytest.approx(50.0 / level.wall_seconds)
 
 
 @pytest.mark.parametrize(

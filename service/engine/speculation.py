@@ -219,5 +219,5 @@ class Speculator:
 
     def release(self, request_id: str) -> None:
         """Forget a finished request."""
-        self._draft_computed.pop(request_id, None)
+        self.preempted(request_id)
         self._lengths.pop(request_id, None)
