@@ -11,6 +11,10 @@ int8, plain or batch-invariant linears) are the model's own, so every weight pat
 here unchanged; a batch-invariant model's rows attend per query exactly as its prompts do
 (`InvariantAttention`), so a token's logits are the same bits from a prompt or a decode step.
 
+Where the start-up measured it faster (model.kernel_choice.choose_native_decode), steps of few
+rows go to the same step compiled for the CPU (model.native_decode), one C function instead of a
+call per op; this class stays the reference it is tested against, and takes every other step.
+
 Rows that share a long prompt prefix (n choices of one prompt, a few-shot header, a system
 prompt) can attend over that prefix together: its keys and values are read once, from one of
 their slots, instead of once per row (`SharedPrefix`). At 32 rows behind a 400-token header, a
@@ -30,6 +34,7 @@ from torch import nn
 from model.batch_invariant import InvariantAttention
 from model.gpt2 import GPT
 from model.kv_cache import KVCache
+from model.native_decode import NativeRoute, route_of
 from model.quantize import direct_forward
 
 
@@ -82,6 +87,13 @@ class DecodeStep:
         self.head = direct_forward(model.lm_head)
         # Batch-invariant models attend per query, as their prompts do (the same bits).
         self.invariant = any(getattr(m, "batch_invariant", False) for m in model.modules())
+        # Steps of few rows may run compiled for this CPU (model.native_decode), where the
+        # start-up measured that faster; this class stays the reference.
+        self.native: NativeRoute | None = None if self.invariant else route_of(model)
+
+    def _native_takes(self, cache: KVCache, rows: int) -> bool:
+        native = self.native
+        return native is not None and rows <= native.max_rows and native.step.supports(cache)
 
     def __call__(
         self,
@@ -102,6 +114,8 @@ class DecodeStep:
         prompts.
         """
         count = len(token_ids)
+        if self.native is not None and self._native_takes(cache, count):
+            return self.native.step(cache, token_ids, slots, positions)  # shared: not needed
         device = self.wte.device
         config = self.model.config
         width, num_heads, head_dim = config.n_embd, config.n_head, config.head_dim
@@ -168,6 +182,9 @@ class DecodeStep:
         guesses through the model's cached forward."""
         assert not self.invariant, "batch-invariant guesses go through forward_cached"
         count = len(token_ids)
+        if self.native is not None and self._native_takes(cache, count):
+            where_at = list(range(position, position + count))
+            return self.native.step(cache, token_ids, [slot] * count, where_at)
         device = self.wte.device
         config = self.model.config
         width, num_heads, head_dim = config.n_embd, config.n_head, config.head_dim

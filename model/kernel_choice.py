@@ -28,7 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.decode import DecodeStep
 from model.gpt2 import GPT
+from model.kv_cache import KVCache
+from model.native_decode import NativeDecode, NativeRoute, NativeUnavailable, attach_route
 from model.packed_linear import PACK_BATCH_HINT, pack_linears, packing_available
 from model.quantize import quantize_int8, route_int8_rows
 from model.weight_layout import linear_layers, linear_weights, set_column_major
@@ -168,6 +171,57 @@ def use_fastest_float32_kernels(model: nn.Module, max_rows: int) -> KernelChoice
         pack_linears(model, choice.packed_min_rows)
     choice.column_major = column_major
     return choice
+
+
+NATIVE_ROW_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16)
+NATIVE_PROBE_POSITION = 32  # where the probe's rows decode: a short context, as most steps
+
+
+def choose_native_decode(model: GPT, max_rows: int, force: bool = False) -> NativeRoute | None:
+    """Time the compiled decode step (model.native_decode) against the torch one on this
+    model's weights, as they are now laid out and packed, at a few row counts; attach it to the
+    model for the row counts up to the largest from which down it wins at every count probed.
+    `force` attaches it for every row count it takes, unmeasured. Returns the route, or None
+    (the torch step for every row count: the step cannot be built here, or never wins)."""
+    attach_route(model, None)
+    try:
+        native = NativeDecode(model)
+    except NativeUnavailable as exc:
+        logger.info("decode step: torch (the compiled one is unavailable: %s)", exc)
+        return None
+    if force:
+        route = NativeRoute(native, native.max_rows)
+        attach_route(model, route)
+        logger.info("decode step: %s (forced)", route.describe())
+        return route
+    counts = [r for r in NATIVE_ROW_COUNTS if r <= min(max(1, max_rows), native.max_rows)]
+    config = model.config
+    length = min(config.block_size, NATIVE_PROBE_POSITION + 1)
+    cache = KVCache(config, counts[-1], length)
+    reference = DecodeStep(model)  # no route attached: the torch step
+    timings: dict[int, tuple[float, float]] = {}
+    with torch.inference_mode():
+        for rows in counts:
+            step = ([7] * rows, list(range(rows)), [length - 1] * rows)
+            torch_ms = _best_time(partial(reference, cache, *step))
+            native_ms = _best_time(partial(native, cache, *step))
+            timings[rows] = (torch_ms, native_ms)
+            if native_ms >= torch_ms:  # the torch step's kernels take over from here
+                break
+    wins = [rows for rows, (torch_ms, native_ms) in timings.items() if native_ms < torch_ms]
+    top = 0
+    for rows in counts:  # the largest count up to which the compiled step wins at every count
+        if rows not in wins:
+            break
+        top = rows
+    measured = ", ".join(f"{r}: {t:.1f}/{n:.1f}" for r, (t, n) in timings.items())
+    if top == 0:
+        logger.info("decode step: torch (ms torch/compiled by rows: %s)", measured)
+        return None
+    route = NativeRoute(native, top, timings)
+    attach_route(model, route)
+    logger.info("decode step: %s (ms torch/compiled by rows: %s)", route.describe(), measured)
+    return route
 
 
 @dataclass

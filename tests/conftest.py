@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from model.config import GPTConfig
 from model.gpt2 import GPT
+
+# The compiled decode step (model.native_decode) is built once per test run, into a folder of its
+# own (servers the tests start inherit it), not into the user's cache.
+if "GPTSERVE_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="gptserve-test-cache-")
+    os.environ["GPTSERVE_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, True)
 
 TINY = GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=50257, block_size=128)
 

@@ -15,6 +15,7 @@ from model.dtypes import DTYPES, dtype_name
 from model.gpt2 import GPT
 from model.kernel_choice import (
     PROBE_ROW_COUNTS,
+    choose_native_decode,
     int8_kv_cache_dtype,
     use_fastest_float32_kernels,
     use_fastest_int8_kernels,
@@ -154,6 +155,15 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
             pack_linears(model, settings.packed_min_rows)
         else:  # measured: the one-row layout and where oneDNN starts to win depend on the CPU
             use_fastest_float32_kernels(model, probe_rows)
+    if (
+        settings.native_decode != "off"
+        and settings.quantization == "none"
+        and not settings.batch_invariant
+        and device.type == "cpu"
+        and dtype == torch.float32
+    ):  # last: it reads the weights where the choices above left them
+        rows = max(settings.max_batch_size, settings.num_speculative_tokens + 1)
+        choose_native_decode(model, rows, force=settings.native_decode == "on")
     if loaded.tokenizer_dir is not None:
         tokenizer = Tokenizer.for_model_dir(loaded.tokenizer_dir)
     else:

@@ -63,6 +63,13 @@ class Settings(BaseSettings):
         "used instead of MKL (default: measured on this machine at start-up, with the one-row "
         "weight layout; forced, the weights stay row-major)",
     )
+    native_decode: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="CPU float32 (not int8, not batch-invariant): run decode steps of few rows "
+        "as one C function compiled for this CPU at start-up (needs a C compiler; cached). "
+        "auto: for the row counts where it is measured faster than torch; on: up to 16 rows, "
+        "unmeasured; off: torch only",
+    )
     fast_decode: bool = Field(
         default=False,
         description="CUDA only: capture the decode step as CUDA graphs at bucketed batch sizes "

@@ -17,6 +17,7 @@ from model.kernel_choice import Int8Choice, KernelChoice
 from model.packed_linear import PackedLinear
 from model.quantize import RoutedInt8Linear
 from model.weight_layout import is_column_major
+from service.engine.runner import ModelRunner
 from service.engine.speculation import Speculator
 
 MIB = 1024 * 1024
@@ -38,6 +39,7 @@ class StartupSummary:
     quantization: str  # none | int8
     packed_weights: bool
     linear_kernels: str  # which matrix kernel runs at which row count
+    decode_step: str  # "torch", or up to which row count the compiled step runs
     batch_invariant: bool
     speculation: str  # "off", or the method and its limits
     num_threads: int  # torch's CPU threads
@@ -62,7 +64,7 @@ class StartupSummary:
             f"model {self.model} ({source}, {format_count(self.num_parameters)} parameters); "
             f"{self.device} {self.dtype}, quantization {self.quantization}, "
             f"packed weights {'on' if self.packed_weights else 'off'} "
-            f"({self.linear_kernels}), "
+            f"({self.linear_kernels}), decode step {self.decode_step}, "
             f"batch-invariant {'on' if self.batch_invariant else 'off'}, "
             f"speculative decoding {self.speculation}, "
             f"{self.num_threads} threads; "
@@ -99,6 +101,14 @@ def quantization_of(model: nn.Module) -> str:
     """int8 when the linear layers run on int8 weights (model/quantize.py), else none."""
     is_int8 = any(isinstance(module, DynamicInt8Linear) for module in model.modules())
     return "int8" if is_int8 else "none"
+
+
+def decode_step_of(runner: ModelRunner) -> str:
+    """Which decode step the runner takes: torch's, or the compiled one up to some rows."""
+    route = runner.decode_step.native
+    if route is None or not route.step.supports(runner.cache):
+        return "torch"
+    return route.describe()
 
 
 def linear_kernels_of(model: nn.Module) -> str:
@@ -166,6 +176,7 @@ def startup_summary(app: FastAPI, host: str, port: int) -> StartupSummary:
         quantization=quantization_of(model),
         packed_weights=any(isinstance(module, PackedLinear) for module in model.modules()),
         linear_kernels=linear_kernels_of(model),
+        decode_step=decode_step_of(engine.runner),
         batch_invariant=any(isinstance(module, InvariantLinear) for module in model.modules()),
         speculation=speculation_of(engine.runner.speculator),
         num_threads=torch.get_num_threads(),

@@ -1,0 +1,386 @@
+/*
+ * A GPT-2 decode step for the CPU, float32, in one OpenMP parallel region.
+ *
+ * A decode step of a few rows reads every weight once, so on a CPU it takes as long as reading
+ * ~500 MB (gpt2) from memory, plus whatever else it does. Run as ~200 separate torch calls it
+ * adds ~3 ms of dispatch, small kernels and thread wake-ups to each ~20 ms step, and each linear
+ * layer's matrix-vector product is one more parallel region whose threads start and stop. Here
+ * the whole step is one region: the threads stream the weights, meet at a barrier where the
+ * data dependences need it (~10 per layer), and do the small work (LayerNorm, attention, GELU)
+ * in between.
+ *
+ * Linear layers. A weight is either row-major (out, in), as torch stores nn.Linear's, or
+ * column-major (its transpose (in, out) contiguous, see model/weight_layout.py). Column-major:
+ * each thread takes a contiguous band of the input features, so it reads one contiguous part of
+ * the weight from start to end, and accumulates a partial output; the partials are summed
+ * afterwards. Row-major: each thread takes a contiguous band of output features (dot products).
+ * Either way each thread streams its own contiguous part of the weight, which is what the
+ * hardware prefetchers do best.
+ *
+ * Everything is computed in float32 with the same formulas as model/gpt2.py (tanh GELU, the
+ * LayerNorm's biased variance, attention scaled by 1/sqrt(head_dim)); only the order of the
+ * sums differs, so the logits agree with torch's to float rounding (~1e-5).
+ *
+ * The caller (model/native_decode.py) checks shapes, dtypes and contiguity; this file trusts
+ * what it is given.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stddef.h>
+#include <string.h>
+
+#define GPTSERVE_NATIVE_ABI 1
+#define MAX_ROWS 16
+#define TILE_BYTES (256 * 1024) /* a column-major band's partial outputs kept per pass */
+
+typedef struct {
+    const float *weight; /* (out, in) row-major, or (in, out) contiguous when column_major */
+    const float *bias;   /* (out) or NULL */
+    int in_features, out_features, column_major;
+} Linear;
+
+typedef struct {
+    const float *ln_1_weight, *ln_1_bias;
+    Linear qkv, out;
+    const float *ln_2_weight, *ln_2_bias;
+    Linear up, down;
+} Block;
+
+typedef struct {
+    int n_layer, n_embd, n_head, vocab_size;
+    float eps;
+    const float *wte; /* (vocab, n_embd); column-major when wte_column_major */
+    int wte_column_major;
+    const float *wpe; /* (positions, n_embd) row-major */
+    const Block *blocks;
+    const float *ln_f_weight, *ln_f_bias;
+    Linear head;
+} Model;
+
+enum Epilogue { STORE, GELU, ADD_TO };
+
+int gptserve_native_abi(void) { return GPTSERVE_NATIVE_ABI; }
+int gptserve_max_rows(void) { return MAX_ROWS; }
+
+static int max_out(const Model *m) {
+    int widest = 4 * m->n_embd;
+    return m->head.out_features > widest ? m->head.out_features : widest;
+}
+
+/* Floats of workspace a call of `rows` rows over a cache of `max_len` positions needs. */
+size_t gptserve_workspace_floats(const Model *m, int rows, int max_len, int threads) {
+    size_t c = (size_t)m->n_embd, r = (size_t)rows, t = (size_t)threads;
+    return r * c             /* x: the residual stream */
+           + t * r * c       /* each thread's LayerNorm output */
+           + r * 3 * c       /* q, k, v */
+           + r * c           /* attention output */
+           + r * 4 * c       /* GELU(up) */
+           + t * r * (size_t)max_out(m) /* partial outputs of the linears */
+           + t * (size_t)max_len        /* attention scores */
+           + 64;                        /* alignment slack */
+}
+
+/* exp(x) for the softmax and the GELU: Cody-Waite range reduction and a degree-6 polynomial,
+ * written so that loops over it vectorize (libm's expf does not, here). Relative error ~2e-7
+ * over the clamped range; below it the result is ~1e-38 instead of 0, which no sum notices. */
+static inline float exp_approx(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int i; float f; } scale;
+    scale.i = ((int)n + 127) << 23;
+    return p * scale.f;
+}
+
+/* GPT-2's GELU, tanh form: 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3))), with
+ * tanh(z) = 1 - 2 / (exp(2z) + 1). */
+static inline float gelu(float u) {
+    float z = 0.7978845608028654f * (u + 0.044715f * u * u * u);
+    float tanh_z = 1.0f - 2.0f / (exp_approx(2.0f * z) + 1.0f);
+    return 0.5f * u * (1.0f + tanh_z);
+}
+
+static void layer_norm(const float *x, float *out, int rows, int width, const float *weight,
+                       const float *bias, float eps) {
+    for (int r = 0; r < rows; r++) {
+        const float *row = x + (size_t)r * width;
+        float *dst = out + (size_t)r * width;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int c = 0; c < width; c++) sum += row[c];
+        float mean = sum / (float)width, squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+        for (int c = 0; c < width; c++) squares += (row[c] - mean) * (row[c] - mean);
+        float inv = 1.0f / sqrtf(squares / (float)width + eps);
+#pragma omp simd
+        for (int c = 0; c < width; c++) dst[c] = (row[c] - mean) * inv * weight[c] + bias[c];
+    }
+}
+
+/* Column-major, one step of eight weight rows (input features i .. i + 7) for a group of R
+ * rows (a constant where it is inlined, so the row loop unrolls), over the outputs
+ * [o0, o0 + n): every weight is loaded once for all R rows. */
+static inline __attribute__((always_inline)) void column_step8(const float *w, int out,
+                                                               const float *x, int in, int R,
+                                                               float *partial, int o0, int n) {
+    float xs[4][8];
+    for (int r = 0; r < R; r++)
+        for (int k = 0; k < 8; k++) xs[r][k] = x[(size_t)r * in + k];
+#pragma omp simd
+    for (int o = 0; o < n; o++) {
+        const float w0 = w[o], w1 = w[out + o], w2 = w[2 * out + o], w3 = w[3 * out + o];
+        const float w4 = w[4 * out + o], w5 = w[5 * out + o], w6 = w[6 * out + o];
+        const float w7 = w[7 * out + o];
+        for (int r = 0; r < R; r++) {
+            const float *c = xs[r];
+            partial[(size_t)r * out + o0 + o] += c[0] * w0 + c[1] * w1 + c[2] * w2 + c[3] * w3 +
+                                                 c[4] * w4 + c[5] * w5 + c[6] * w6 + c[7] * w7;
+        }
+    }
+}
+
+/* Column-major: this thread's band of input features [i0, i1), partial sums over it for every
+ * output and row, in tiles of outputs small enough to stay in cache across the band. Each
+ * eight weight rows are read from memory once and used by the rows in groups of up to four. */
+static void column_band(const Linear *L, const float *x, int rows, float *partial, int i0,
+                        int i1) {
+    const int in = L->in_features, out = L->out_features;
+    int tile = TILE_BYTES / (4 * rows);
+    tile = tile >= out ? out : (tile & ~15);
+    for (int o0 = 0; o0 < out; o0 += tile) {
+        const int n = o0 + tile <= out ? tile : out - o0;
+        for (int r = 0; r < rows; r++) memset(partial + (size_t)r * out + o0, 0, sizeof(float) * n);
+        int i = i0;
+        for (; i + 8 <= i1; i += 8) {
+            const float *w = L->weight + (size_t)i * out + o0;
+            for (int r0 = 0; r0 < rows; r0 += 4) {
+                const float *xr = x + (size_t)r0 * in + i;
+                float *pr = partial + (size_t)r0 * out;
+                switch (rows - r0 < 4 ? rows - r0 : 4) {
+                case 1: column_step8(w, out, xr, in, 1, pr, o0, n); break;
+                case 2: column_step8(w, out, xr, in, 2, pr, o0, n); break;
+                case 3: column_step8(w, out, xr, in, 3, pr, o0, n); break;
+                default: column_step8(w, out, xr, in, 4, pr, o0, n); break;
+                }
+            }
+        }
+        for (; i < i1; i++) {
+            const float *w = L->weight + (size_t)i * out + o0;
+            for (int r = 0; r < rows; r++) {
+                const float c = x[(size_t)r * in + i];
+                float *acc = partial + (size_t)r * out + o0;
+#pragma omp simd
+                for (int o = 0; o < n; o++) acc[o] += c * w[o];
+            }
+        }
+    }
+}
+
+/* Row-major: dot products for the outputs [o0, o1), four weight rows at a time. */
+static void row_band(const Linear *L, const float *x, int rows, float *result, int o0, int o1) {
+    const int in = L->in_features, out = L->out_features;
+    int o = o0;
+    for (; o + 4 <= o1; o += 4) {
+        const float *w0 = L->weight + (size_t)o * in;
+        const float *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;
+        for (int r = 0; r < rows; r++) {
+            const float *xr = x + (size_t)r * in;
+            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+            for (int i = 0; i < in; i++) {
+                a0 += w0[i] * xr[i];
+                a1 += w1[i] * xr[i];
+                a2 += w2[i] * xr[i];
+                a3 += w3[i] * xr[i];
+            }
+            float *dst = result + (size_t)r * out + o;
+            dst[0] = a0, dst[1] = a1, dst[2] = a2, dst[3] = a3;
+        }
+    }
+    for (; o < o1; o++) {
+        const float *w = L->weight + (size_t)o * in;
+        for (int r = 0; r < rows; r++) {
+            const float *xr = x + (size_t)r * in;
+            float a = 0.0f;
+#pragma omp simd reduction(+ : a)
+            for (int i = 0; i < in; i++) a += w[i] * xr[i];
+            result[(size_t)r * out + o] = a;
+        }
+    }
+}
+
+/* x (rows, in) through a linear layer, inside the parallel region: every thread computes its
+ * band into `partials` (one block of rows * out per thread); returns how many blocks hold
+ * partial sums (the threads' count for column-major, 1 for row-major, whose threads each
+ * write final sums for their outputs into the first block). Ends with a barrier. */
+static int linear_partials(const Linear *L, const float *x, int rows, float *partials) {
+    const int thread = omp_get_thread_num(), threads = omp_get_num_threads();
+    if (L->column_major) {
+        const int in = L->in_features;
+        int band = (in + threads - 1) / threads;
+        band = (band + 7) & ~7;
+        int i0 = thread * band, i1 = i0 + band;
+        if (i1 > in) i1 = in;
+        if (i0 > in) i0 = in;
+        column_band(L, x, rows, partials + (size_t)thread * rows * L->out_features, i0, i1);
+#pragma omp barrier
+        return threads;
+    }
+    const int out = L->out_features;
+    int band = (out + threads - 1) / threads;
+    band = (band + 15) & ~15;
+    int o0 = thread * band, o1 = o0 + band;
+    if (o1 > out) o1 = out;
+    if (o0 > out) o0 = out;
+    row_band(L, x, rows, partials, o0, o1);
+#pragma omp barrier
+    return 1;
+}
+
+/* Sum the partial outputs, add the bias and apply the epilogue into dst (rows, out): STORE
+ * writes, GELU writes gelu(.), ADD_TO adds to dst (the residual). Work-shared; ends with the
+ * loop's barrier. */
+static void linear_finish(const Linear *L, const float *partials, int blocks, int rows,
+                          float *dst, enum Epilogue epilogue) {
+    const int out = L->out_features;
+    const size_t block = (size_t)rows * out;
+#pragma omp for schedule(static)
+    for (int o0 = 0; o0 < out; o0 += 64) {
+        const int o1 = o0 + 64 <= out ? o0 + 64 : out;
+        for (int r = 0; r < rows; r++) {
+            const size_t at = (size_t)r * out;
+            float *d = dst + at;
+#pragma omp simd
+            for (int o = o0; o < o1; o++) {
+                float sum = L->bias ? L->bias[o] : 0.0f;
+                for (int b = 0; b < blocks; b++) sum += partials[b * block + at + o];
+                if (epilogue == GELU) sum = gelu(sum);
+                if (epilogue == ADD_TO) sum += d[o];
+                d[o] = sum;
+            }
+        }
+    }
+}
+
+/* One row's attention for one head over positions [0, position] of its slot. */
+static void attend(const float *q, const float *keys, const float *values, int length,
+                   int head_dim, float *scores, float *out) {
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    float top = -INFINITY;
+    for (int t = 0; t < length; t++) {
+        const float *k = keys + (size_t)t * head_dim;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int d = 0; d < head_dim; d++) dot += q[d] * k[d];
+        scores[t] = dot * scale;
+        top = scores[t] > top ? scores[t] : top;
+    }
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int t = 0; t < length; t++) {
+        scores[t] = exp_approx(scores[t] - top);
+        total += scores[t];
+    }
+    for (int d = 0; d < head_dim; d++) out[d] = 0.0f;
+    for (int t = 0; t < length; t++) {
+        const float *v = values + (size_t)t * head_dim;
+        const float w = scores[t];
+#pragma omp simd
+        for (int d = 0; d < head_dim; d++) out[d] += w * v[d];
+    }
+    const float inv = 1.0f / total;
+    for (int d = 0; d < head_dim; d++) out[d] *= inv;
+}
+
+static float *aligned(float *p) { return (float *)(((size_t)p + 63) & ~(size_t)63); }
+
+/*
+ * Feed tokens[r] at positions[r] of cache slot slots[r], for each of `rows` rows, and write the
+ * logits (rows, vocab) to `logits`. Each row's key and value are stored in the cache (layout
+ * (n_layer, num_slots, n_head, max_len, head_dim), float32) before any row attends, so rows of
+ * one slot at consecutive positions attend causally over each other (a speculative check).
+ * Returns 0, or -1 when `rows` is out of range.
+ */
+int gptserve_decode(const Model *m, float *k_cache, float *v_cache, int num_slots, int max_len,
+                    int rows, const int *tokens, const int *slots, const int *positions,
+                    int threads, float *workspace, float *logits) {
+    if (rows < 1 || rows > MAX_ROWS) return -1;
+    const int C = m->n_embd, H = m->n_head, D = C / H;
+    float *x = aligned(workspace);
+    float *norms = x + (size_t)rows * C;
+    float *qkv = norms + (size_t)threads * rows * C;
+    float *att = qkv + (size_t)rows * 3 * C;
+    float *act = att + (size_t)rows * C;
+    float *partials = act + (size_t)rows * 4 * C;
+    float *scores = partials + (size_t)threads * rows * max_out(m);
+    const size_t head_stride = (size_t)max_len * D;
+    const size_t layer_stride = (size_t)num_slots * H * head_stride;
+
+#pragma omp parallel num_threads(threads)
+    {
+        const int thread = omp_get_thread_num();
+        float *norm = norms + (size_t)thread * rows * C;
+        float *my_scores = scores + (size_t)thread * max_len;
+
+#pragma omp for schedule(static)
+        for (int r = 0; r < rows; r++) {
+            const int token = tokens[r];
+            const float *pos = m->wpe + (size_t)positions[r] * C;
+            float *dst = x + (size_t)r * C;
+            if (m->wte_column_major) {
+                for (int c = 0; c < C; c++) dst[c] = m->wte[(size_t)c * m->vocab_size + token] + pos[c];
+            } else {
+                const float *tok = m->wte + (size_t)token * C;
+                for (int c = 0; c < C; c++) dst[c] = tok[c] + pos[c];
+            }
+        }
+
+        for (int l = 0; l < m->n_layer; l++) {
+            const Block *b = &m->blocks[l];
+            float *layer_k = k_cache + l * layer_stride, *layer_v = v_cache + l * layer_stride;
+
+            layer_norm(x, norm, rows, C, b->ln_1_weight, b->ln_1_bias, m->eps);
+            int blocks = linear_partials(&b->qkv, norm, rows, partials);
+            linear_finish(&b->qkv, partials, blocks, rows, qkv, STORE);
+
+            /* every row's key and value into the cache, before anyone attends */
+#pragma omp for schedule(static)
+            for (int item = 0; item < rows * H; item++) {
+                const int r = item / H, h = item % H;
+                const size_t at = (size_t)slots[r] * H * head_stride + h * head_stride +
+                                  (size_t)positions[r] * D;
+                memcpy(layer_k + at, qkv + (size_t)r * 3 * C + C + h * D, sizeof(float) * D);
+                memcpy(layer_v + at, qkv + (size_t)r * 3 * C + 2 * C + h * D, sizeof(float) * D);
+            }
+#pragma omp for schedule(static)
+            for (int item = 0; item < rows * H; item++) {
+                const int r = item / H, h = item % H;
+                const size_t at = (size_t)slots[r] * H * head_stride + h * head_stride;
+                attend(qkv + (size_t)r * 3 * C + h * D, layer_k + at, layer_v + at,
+                       positions[r] + 1, D, my_scores, att + (size_t)r * C + h * D);
+            }
+
+            blocks = linear_partials(&b->out, att, rows, partials);
+            linear_finish(&b->out, partials, blocks, rows, x, ADD_TO);
+
+            layer_norm(x, norm, rows, C, b->ln_2_weight, b->ln_2_bias, m->eps);
+            blocks = linear_partials(&b->up, norm, rows, partials);
+            linear_finish(&b->up, partials, blocks, rows, act, GELU);
+            blocks = linear_partials(&b->down, act, rows, partials);
+            linear_finish(&b->down, partials, blocks, rows, x, ADD_TO);
+        }
+
+        layer_norm(x, norm, rows, C, m->ln_f_weight, m->ln_f_bias, m->eps);
+        const int blocks = linear_partials(&m->head, norm, rows, partials);
+        linear_finish(&m->head, partials, blocks, rows, logits, STORE);
+    }
+    return 0;
+}

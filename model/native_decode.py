@@ -1,0 +1,387 @@
+"""The decode step compiled for this CPU: one C function per step instead of ~200 torch calls.
+
+At one stream on a CPU a decode step should take as long as reading the weights once (gpt2:
+~500 MB, ~16-20 ms on a 2-core machine). Through torch it also pays for every op's dispatch, a
+parallel region per linear layer whose threads start and stop, and the small ops in between:
+~3-4 ms more. `model/native/decode_step.c` runs a whole step of up to 16 rows in one OpenMP
+parallel region (see its header), reading the weights where torch keeps them, in either layout
+(model.weight_layout), and the KV cache in place.
+
+It is built at start-up with the system's C compiler, for this CPU (`-march=native`), into a
+cache folder keyed by the source, the compiler and the CPU's flags, so later starts only load it
+(~0.1 s instead of ~1-2 s). It links the OpenMP runtime torch already loaded (libgomp), so both
+share one team of threads. Where there is no compiler, the build fails, or the model is one it
+does not cover (not float32 on the CPU, int8 or batch-invariant linears, a 16-bit KV cache),
+`NativeUnavailable` says why and the torch decode step (model.decode) runs as before: it stays the
+reference this one is tested against (logits within 1e-4).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model.gpt2 import GPT
+from model.kv_cache import KVCache
+from model.weight_layout import is_column_major
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "native" / "decode_step.c"
+ABI = 1  # GPTSERVE_NATIVE_ABI in the source: the structs below match that version
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
+BUILD_TIMEOUT_S = 120
+
+
+class NativeUnavailable(RuntimeError):
+    """The compiled decode step cannot run here; the message says why."""
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [
+        ("weight", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("in_features", ctypes.c_int),
+        ("out_features", ctypes.c_int),
+        ("column_major", ctypes.c_int),
+    ]
+
+
+class _Block(ctypes.Structure):
+    _fields_ = [
+        ("ln_1_weight", ctypes.c_void_p),
+        ("ln_1_bias", ctypes.c_void_p),
+        ("qkv", _Linear),
+        ("out", _Linear),
+        ("ln_2_weight", ctypes.c_void_p),
+        ("ln_2_bias", ctypes.c_void_p),
+        ("up", _Linear),
+        ("down", _Linear),
+    ]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        ("n_layer", ctypes.c_int),
+        ("n_embd", ctypes.c_int),
+        ("n_head", ctypes.c_int),
+        ("vocab_size", ctypes.c_int),
+        ("eps", ctypes.c_float),
+        ("wte", ctypes.c_void_p),
+        ("wte_column_major", ctypes.c_int),
+        ("wpe", ctypes.c_void_p),
+        ("blocks", ctypes.POINTER(_Block)),
+        ("ln_f_weight", ctypes.c_void_p),
+        ("ln_f_bias", ctypes.c_void_p),
+        ("head", _Linear),
+    ]
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: $GPTSERVE_CACHE_DIR, else $XDG_CACHE_HOME/gptserve, else
+    ~/.cache/gptserve."""
+    if os.environ.get("GPTSERVE_CACHE_DIR"):
+        return Path(os.environ["GPTSERVE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "gptserve"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _compiler() -> str:
+    name = os.environ.get("CC", "cc")
+    path = shutil.which(name) or shutil.which("gcc")
+    if path is None:
+        raise NativeUnavailable(f"no C compiler found ({name}, gcc)")
+    return path
+
+
+def build_library(compiler: str | None = None, folder: Path | None = None) -> Path:
+    """Compile the source for this CPU (or find it compiled already); returns the library."""
+    compiler = compiler or _compiler()
+    try:
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NativeUnavailable(f"the C compiler {compiler} does not run: {exc}") from exc
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join(
+            [source, compiler.encode(), version.encode(), " ".join(CFLAGS).encode()]
+            + [_cpu_flags().encode()]
+        )
+    ).hexdigest()[:16]
+    folder = folder or cache_dir() / "native"
+    target = folder / f"decode_step-{key}.so"
+    if target.is_file():
+        return target
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        out_dir = folder
+    except OSError:  # a read-only home: build into a temporary folder, every start
+        out_dir = Path(tempfile.mkdtemp(prefix="gptserve-native-"))
+        target = out_dir / target.name
+    partial = out_dir / f".{target.name}.{os.getpid()}.tmp"
+    command = [compiler, *CFLAGS, str(SOURCE), "-o", str(partial), "-lm"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NativeUnavailable(f"compiling the decode step failed: {exc}") from exc
+    if done.returncode != 0:
+        partial.unlink(missing_ok=True)
+        detail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise NativeUnavailable(f"compiling the decode step failed: {' / '.join(detail)}")
+    os.replace(partial, target)  # atomic: a concurrent start sees the whole file or none
+    return target
+
+
+@cache
+def load_library() -> ctypes.CDLL:
+    """The compiled decode step, built if needed and loaded once per process."""
+    if torch.get_num_threads() < 1 or "libgomp" not in _loaded_openmp():
+        raise NativeUnavailable("torch does not run on GNU OpenMP here, which the step shares")
+    path = build_library()
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise NativeUnavailable(f"loading {path.name} failed: {exc}") from exc
+    if lib.gptserve_native_abi() != ABI:
+        raise NativeUnavailable(f"{path.name} is of another version")
+    lib.gptserve_workspace_floats.restype = ctypes.c_size_t
+    lib.gptserve_workspace_floats.argtypes = [
+        ctypes.POINTER(_Model),
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+    ]
+    lib.gptserve_decode.restype = ctypes.c_int
+    lib.gptserve_decode.argtypes = [
+        ctypes.POINTER(_Model),
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.POINTER(ctypes.c_int),
+        ctypes.POINTER(ctypes.c_int),
+        ctypes.POINTER(ctypes.c_int),
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+    ]
+    logger.debug("native decode step loaded from %s", path)
+    return lib
+
+
+def _loaded_openmp() -> str:
+    """The OpenMP runtimes mapped into this process (torch's is loaded by now)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "libgomp"  # no /proc: assume the usual build (it links libgomp)
+    return " ".join(name for name in ("libgomp", "libiomp", "libomp") if name in maps)
+
+
+def _float_weight(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    if tensor.device.type != "cpu" or tensor.dtype != torch.float32:
+        raise NativeUnavailable(f"{name} is not a CPU float32 tensor")
+    return tensor.detach()
+
+
+class NativeDecode:
+    """The compiled decode step over one model's weights, as they are laid out when it is built
+    (build it after the layout and packing are final, as model.decode.DecodeStep)."""
+
+    def __init__(self, model: GPT) -> None:
+        self.lib = load_library()
+        self.max_rows = int(self.lib.gptserve_max_rows())
+        config = model.config
+        if config.n_embd % config.n_head:
+            raise NativeUnavailable("n_embd is not a multiple of n_head")
+        self._keep: list[torch.Tensor] = []  # every tensor the C structs point into
+        transformer = model.transformer
+        blocks = transformer.blocks
+        self._blocks = (_Block * len(blocks))()
+        for index, block in enumerate(blocks):
+            if getattr(block.attn, "batch_invariant", False):
+                raise NativeUnavailable("batch-invariant models attend per query (model.decode)")
+            prefix = f"transformer.h.{index}"
+            self._blocks[index] = _Block(
+                self._vector(block.ln_1.weight, f"{prefix}.ln_1.weight"),
+                self._vector(block.ln_1.bias, f"{prefix}.ln_1.bias"),
+                self._linear(block.attn.c_attn, f"{prefix}.attn.c_attn"),
+                self._linear(block.attn.c_proj, f"{prefix}.attn.c_proj"),
+                self._vector(block.ln_2.weight, f"{prefix}.ln_2.weight"),
+                self._vector(block.ln_2.bias, f"{prefix}.ln_2.bias"),
+                self._linear(block.mlp.c_fc, f"{prefix}.mlp.c_fc"),
+                self._linear(block.mlp.c_proj, f"{prefix}.mlp.c_proj"),
+            )
+        eps = {b.ln_1.eps for b in blocks} | {b.ln_2.eps for b in blocks} | {transformer.ln_f.eps}
+        if len(eps) != 1:
+            raise NativeUnavailable("the LayerNorms differ in eps")
+        wte = _float_weight(transformer.wte.weight, "transformer.wte.weight")
+        wte_column_major = is_column_major(wte)
+        if not (wte.is_contiguous() or wte_column_major):
+            raise NativeUnavailable("transformer.wte.weight is neither row- nor column-major")
+        wpe = _float_weight(transformer.wpe.weight, "transformer.wpe.weight").contiguous()
+        self._keep += [wte, wpe]
+        self.vocab_size = config.vocab_size
+        self._model = _Model(
+            len(blocks),
+            config.n_embd,
+            config.n_head,
+            config.vocab_size,
+            eps.pop(),
+            wte.data_ptr(),
+            int(wte_column_major),
+            wpe.data_ptr(),
+            self._blocks,
+            self._vector(transformer.ln_f.weight, "transformer.ln_f.weight"),
+            self._vector(transformer.ln_f.bias, "transformer.ln_f.bias"),
+            self._linear(model.lm_head, "lm_head"),
+        )
+        self._workspace = torch.empty(0)
+        self._lock = threading.Lock()  # one workspace: one step at a time
+        self.signature = tuple((t.data_ptr(), t.stride()) for t in self._keep)
+
+    def matches(self, model: GPT) -> bool:
+        """Whether `model`'s weights are still the ones this step reads, where and as they were
+        laid out (a later quantization, reload or layout change would leave it reading others)."""
+        try:
+            return NativeDecode(model).signature == self.signature
+        except NativeUnavailable:
+            return False
+
+    def _vector(self, tensor: torch.Tensor | None, name: str) -> int:
+        if tensor is None:
+            raise NativeUnavailable(f"{name} is missing")
+        vector = _float_weight(tensor, name).contiguous()
+        self._keep.append(vector)
+        return vector.data_ptr()
+
+    def _linear(self, module: nn.Module, name: str) -> _Linear:
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, nn.Linear) or not isinstance(weight, torch.Tensor):
+            raise NativeUnavailable(f"{name} is not a plain linear layer (int8 or wrapped)")
+        weight = _float_weight(weight, f"{name}.weight")
+        column_major = is_column_major(weight)
+        if not (weight.is_contiguous() or column_major):
+            raise NativeUnavailable(f"{name}.weight is neither row- nor column-major")
+        self._keep.append(weight)
+        bias = 0 if module.bias is None else self._vector(module.bias, f"{name}.bias")
+        return _Linear(
+            weight.data_ptr(), bias, module.in_features, module.out_features, int(column_major)
+        )
+
+    @staticmethod
+    def supports(cache: KVCache) -> bool:
+        """Whether the step can read and write this cache (float32, contiguous)."""
+        return (
+            cache.k.dtype == torch.float32
+            and cache.k.device.type == "cpu"
+            and cache.k.is_contiguous()
+            and cache.v.is_contiguous()
+        )
+
+    def __call__(
+        self,
+        cache: KVCache,
+        token_ids: Sequence[int],
+        slots: Sequence[int],
+        positions: Sequence[int],
+    ) -> torch.Tensor:
+        """Logits (R, vocab) after feeding token_ids[r] at positions[r] of slot slots[r]; as
+        model.decode.DecodeStep, and rows of one slot at consecutive positions attend causally
+        over each other (a speculative check of several guesses)."""
+        rows = len(token_ids)
+        if not 1 <= rows <= self.max_rows:
+            raise ValueError(f"the native decode step takes 1 to {self.max_rows} rows, got {rows}")
+        if not (len(slots) == len(positions) == rows):
+            raise ValueError("token_ids, slots and positions must have the same length")
+        if not self.supports(cache):
+            raise ValueError("the native decode step needs a contiguous float32 CPU KV cache")
+        num_slots, max_len = cache.num_slots, cache.max_seq_len
+        for token, slot, position in zip(token_ids, slots, positions, strict=True):
+            if not (0 <= token < self.vocab_size and 0 <= slot < num_slots):
+                raise ValueError(f"token {token} or slot {slot} out of range")
+            if not 0 <= position < max_len:
+                raise ValueError(f"position {position} outside the cache's {max_len}")
+        int_array = ctypes.c_int * rows
+        threads = max(1, torch.get_num_threads())
+        logits = torch.empty(rows, self.vocab_size)
+        with self._lock:
+            needed = self.lib.gptserve_workspace_floats(self._model, rows, max_len, threads)
+            if self._workspace.numel() < needed:
+                self._workspace = torch.empty(needed)
+            status = self.lib.gptserve_decode(
+                self._model,
+                cache.k.data_ptr(),
+                cache.v.data_ptr(),
+                num_slots,
+                max_len,
+                rows,
+                int_array(*token_ids),
+                int_array(*slots),
+                int_array(*positions),
+                threads,
+                self._workspace.data_ptr(),
+                logits.data_ptr(),
+            )
+        if status != 0:
+            raise RuntimeError(f"the native decode step failed ({status})")
+        return logits
+
+
+@dataclass(frozen=True)
+class NativeRoute:
+    """Decode steps of up to `max_rows` rows run on the compiled step; larger ones on torch."""
+
+    step: NativeDecode
+    max_rows: int
+    timings: dict[int, tuple[float, float]] = field(default_factory=dict)  # rows: (torch, native)
+
+    def describe(self) -> str:
+        """One phrase for the start-up line."""
+        return f"compiled for this CPU up to {self.max_rows} rows, torch beyond"
+
+
+_ROUTE = "native_decode_route"
+
+
+def attach_route(model: GPT, route: NativeRoute | None) -> None:
+    """Make `route` the decode route of `model` (None removes it); model.decode.DecodeStep
+    built from the model afterwards takes it."""
+    object.__setattr__(model, _ROUTE, route)
+
+
+def route_of(model: GPT) -> NativeRoute | None:
+    """The model's native decode route, if one is attached and still matches its weights."""
+    route = getattr(model, _ROUTE, None)
+    if route is None:
+        return None
+    if not route.step.matches(model):
+        logger.warning("the weights changed since the compiled decode step was built; not used")
+        return None
+    return route

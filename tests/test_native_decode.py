@@ -1,0 +1,320 @@
+"""The compiled decode step: the torch step's logits and cache writes, its choice at start-up,
+and the torch step wherever it cannot be built or does not apply."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_model
+from model import native_decode
+from model.config import GPTConfig
+from model.decode import DecodeStep
+from model.gpt2 import GPT
+from model.kernel_choice import choose_native_decode
+from model.kv_cache import BatchLayout, KVCache
+from model.loading import save_checkpoint
+from model.native_decode import (
+    NativeDecode,
+    NativeRoute,
+    NativeUnavailable,
+    attach_route,
+    build_library,
+    route_of,
+)
+from model.packed_linear import pack_linears, packing_available
+from model.quantize import quantize_int8
+from model.sampling_params import SamplingParams
+from model.weight_layout import set_column_major
+from service.api.loader import load_engine
+from service.api.settings import Settings
+from service.api.startup_summary import decode_step_of
+from service.engine.params import StopParams
+
+# Odd sizes on purpose: 36 features split unevenly over the threads and into steps of eight,
+# 101 outputs of the head, 3 heads of 12.
+ODD = GPTConfig(n_layer=2, n_head=3, n_embd=36, vocab_size=101, block_size=64)
+
+
+def native_or_skip(model: GPT) -> NativeDecode:
+    try:
+        return NativeDecode(model)
+    except NativeUnavailable as exc:  # no C compiler on this machine
+        pytest.skip(f"the compiled decode step is unavailable: {exc}")
+
+
+def odd_model(seed: int = 0, layout: str = "row-major") -> GPT:
+    model = make_model(ODD, seed)
+    with torch.no_grad():  # LayerNorms and biases away from 1 and 0, so a mix-up shows, and
+        for name, param in model.named_parameters():  # activations of order 1 (GELU's curve)
+            if "ln_" in name or name.endswith("bias"):
+                param.normal_(0.0, 0.1)
+            elif param.dim() == 2:
+                param.normal_(0.0, 0.2)
+    if layout == "column-major":
+        set_column_major(model, True)
+    return model
+
+
+def prefilled(model: GPT, prompts: list[list[int]], slots: int | None = None) -> KVCache:
+    """A cache whose slot i holds prompts[i], filled by the model's general forward."""
+    config = model.config
+    cache = KVCache(config, slots or len(prompts), config.block_size)
+    width = max(len(p) for p in prompts)
+    layout = BatchLayout.build(
+        list(range(len(prompts))), [0] * len(prompts), [len(p) for p in prompts], config.block_size
+    )
+    with torch.inference_mode():
+        model.forward_cached(
+            torch.tensor([p + [0] * (width - len(p)) for p in prompts]), cache, layout
+        )
+    return cache
+
+
+@pytest.mark.parametrize("layout", ["row-major", "column-major"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_logits_and_cache_writes_match_the_torch_step(layout: str, threads: int) -> None:
+    model = odd_model(seed=1, layout=layout)
+    native = native_or_skip(model)
+    reference = DecodeStep(model)
+    assert reference.native is None  # no route attached: the torch step
+    prompts = [[(7 * i + j) % 101 for j in range(3 + 2 * i)] for i in range(17)]
+    ours, theirs = prefilled(model, prompts), prefilled(model, prompts)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        # one row, a few in any order, and the most the step takes (16 of 17 slots)
+        for rows in ([0], [4, 2, 9], list(range(1, 17))):
+            tokens = [(3 * row + 1) % 101 for row in rows]
+            positions = [len(prompts[row]) for row in rows]
+            with torch.inference_mode():
+                expected = reference(theirs, tokens, rows, positions)
+                got = native(ours, tokens, rows, positions)
+            assert got.shape == (len(rows), ODD.vocab_size)
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+            for row, token in zip(rows, tokens, strict=True):
+                prompts[row].append(token)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(ours.k, theirs.k, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.v, theirs.v, rtol=0, atol=1e-5)
+
+
+def test_token_by_token_gives_the_full_forward_logits() -> None:
+    """Against the model's plain forward (no cache): every position's logits."""
+    model = make_model(seed=3)  # gpt2's vocabulary, 64 wide
+    native = native_or_skip(model)
+    tokens = [50256, 464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290]
+    cache = KVCache(model.config, 2, model.config.block_size)
+    with torch.inference_mode():
+        expected = model(torch.tensor([tokens]))[0]
+        got = torch.cat([native(cache, [t], [1], [i]) for i, t in enumerate(tokens)])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+def test_rows_of_one_slot_attend_causally_as_a_speculative_check() -> None:
+    model = odd_model(seed=2, layout="column-major")
+    native = native_or_skip(model)
+    reference = DecodeStep(model)
+    prompt = [1, 2, 3, 4, 5]
+    ours, theirs = prefilled(model, [prompt, [9]]), prefilled(model, [prompt, [9]])
+    guesses = [6, 7, 8, 9]
+    with torch.inference_mode():
+        expected = reference.several(theirs, guesses, 0, len(prompt))
+        got = native(ours, guesses, [0] * 4, list(range(len(prompt), len(prompt) + 4)))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(ours.k, theirs.k, rtol=0, atol=1e-5)
+
+
+def test_decode_step_takes_the_route_up_to_its_rows_and_torch_beyond() -> None:
+    model = odd_model(seed=4)
+    native = native_or_skip(model)
+    calls: list[int] = []
+
+    class Counting(NativeDecode):
+        def __call__(self, cache, token_ids, slots, positions):  # type: ignore[no-untyped-def]
+            calls.append(len(token_ids))
+            return super().__call__(cache, token_ids, slots, positions)
+
+    counting = Counting(model)
+    attach_route(model, NativeRoute(counting, max_rows=2))
+    step = DecodeStep(model)
+    assert step.native is not None and step.native.step is counting
+    cache = prefilled(model, [[1, 2], [3, 4], [5, 6]])
+    plain = prefilled(model, [[1, 2], [3, 4], [5, 6]])
+    with torch.inference_mode():
+        one = step(cache, [7], [0], [2])
+        two = step(cache, [8, 9], [1, 2], [2, 2])
+        three = step(cache, [10, 11, 12], [0, 1, 2], [3, 3, 3])
+        torch_step = DecodeStep(make_model(ODD, 0))  # another model: only to show no route
+        assert torch_step.native is None
+    assert calls == [1, 2]  # the three-row step went to torch
+    reference = DecodeStep(model)
+    reference.native = None
+    with torch.inference_mode():
+        expected = [
+            reference(plain, [7], [0], [2]),
+            reference(plain, [8, 9], [1, 2], [2, 2]),
+            reference(plain, [10, 11, 12], [0, 1, 2], [3, 3, 3]),
+        ]
+    for got, want in zip((one, two, three), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert native.max_rows == 16
+
+
+def test_a_16_bit_cache_goes_to_torch() -> None:
+    model = odd_model(seed=5)
+    native_or_skip(model)
+    attach_route(model, NativeRoute(NativeDecode(model), max_rows=16))
+    step = DecodeStep(model)
+    cache = KVCache(ODD, 1, ODD.block_size, dtype=torch.bfloat16)
+    assert step.native is not None and not step.native.step.supports(cache)
+    with torch.inference_mode():
+        logits = step(cache, [3], [0], [0])  # the torch step, in the cache's dtype
+    assert torch.isfinite(logits).all()
+
+
+def test_bad_calls_are_refused_before_the_c_code_runs() -> None:
+    model = odd_model(seed=6)
+    native = native_or_skip(model)
+    cache = KVCache(ODD, 2, 8)
+    with torch.inference_mode():
+        for tokens, slots, positions, message in (
+            ([1] * 17, list(range(17)), [0] * 17, "1 to 16 rows"),
+            ([], [], [], "1 to 16 rows"),
+            ([1, 2], [0], [0], "same length"),
+            ([101], [0], [0], "out of range"),
+            ([1], [2], [0], "out of range"),
+            ([1], [0], [8], "outside the cache"),
+            ([1], [0], [-1], "outside the cache"),
+        ):
+            with pytest.raises(ValueError, match=message):
+                native(cache, tokens, slots, positions)
+        with pytest.raises(ValueError, match="float32"):
+            native(KVCache(ODD, 1, 8, dtype=torch.bfloat16), [1], [0], [0])
+
+
+def test_models_it_does_not_cover_are_refused() -> None:
+    native_or_skip(odd_model())
+    with pytest.raises(NativeUnavailable, match="plain linear"):
+        NativeDecode(quantize_int8(odd_model()))
+    with pytest.raises(NativeUnavailable, match="float32"):
+        NativeDecode(odd_model().to(torch.bfloat16))
+
+
+def test_a_changed_layout_detaches_the_route(caplog: pytest.LogCaptureFixture) -> None:
+    model = odd_model(seed=7)
+    native_or_skip(model)
+    attach_route(model, NativeRoute(NativeDecode(model), max_rows=4))
+    assert route_of(model) is not None
+    set_column_major(model, True)  # the weights move: the step would read the old ones
+    with caplog.at_level(logging.WARNING):
+        assert route_of(model) is None
+        assert DecodeStep(model).native is None
+    assert "weights changed" in caplog.text
+
+
+def test_the_library_is_built_once_and_then_found(tmp_path: Path) -> None:
+    try:
+        first = build_library(folder=tmp_path)
+    except NativeUnavailable as exc:
+        pytest.skip(str(exc))
+    built = first.stat().st_mtime_ns
+    assert build_library(folder=tmp_path) == first
+    assert first.stat().st_mtime_ns == built  # not compiled again
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no partial files left
+
+
+def test_a_source_that_does_not_compile_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    try:
+        build_library(folder=tmp_path / "ok")
+    except NativeUnavailable as exc:
+        pytest.skip(str(exc))
+    broken = tmp_path / "broken.c"
+    broken.write_text("int gptserve_native_abi(void) { return 1 }\n")
+    monkeypatch.setattr(native_decode, "SOURCE", broken)
+    with pytest.raises(NativeUnavailable, match="compiling the decode step failed"):
+        build_library(folder=tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*.so"))
+
+
+def test_without_a_compiler_the_reason_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(NativeUnavailable, match="no C compiler"):
+        build_library()
+
+
+def test_start_up_choice_falls_back_to_torch_without_the_compiled_step(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = odd_model(seed=8)
+
+    def unavailable() -> None:
+        raise NativeUnavailable("no C compiler found (cc, gcc)")
+
+    monkeypatch.setattr(native_decode, "load_library", unavailable)
+    with caplog.at_level(logging.INFO, logger="model.kernel_choice"):
+        assert choose_native_decode(model, max_rows=8) is None
+    assert "decode step: torch (the compiled one is unavailable: no C compiler" in caplog.text
+    assert route_of(model) is None and DecodeStep(model).native is None
+
+
+def test_start_up_choice_is_measured_and_takes_the_winning_row_counts() -> None:
+    model = make_model(seed=9)
+    native_or_skip(model)
+    if packing_available():
+        pack_linears(model)
+    route = choose_native_decode(model, max_rows=4)
+    if route is None:  # the torch step won at one row on this machine: nothing attached
+        assert route_of(model) is None
+        return
+    assert route_of(model) is route
+    assert set(route.timings) <= {1, 2, 3, 4} and 1 in route.timings
+    wins = [r for r, (torch_ms, native_ms) in route.timings.items() if native_ms < torch_ms]
+    assert route.max_rows in wins and all(r in wins for r in route.timings if r <= route.max_rows)
+    assert route.describe() == f"compiled for this CPU up to {route.max_rows} rows, torch beyond"
+
+
+def test_forced_takes_every_row_count_it_can() -> None:
+    model = odd_model(seed=10)
+    native_or_skip(model)
+    route = choose_native_decode(model, max_rows=32, force=True)
+    assert route is not None and route.max_rows == 16 and route.timings == {}
+
+
+def serve_tokens(settings: Settings, prompt: list[int]) -> tuple[list[int], list[float], str]:
+    """A greedy request through the engine that `settings` builds: tokens, their logprobs and
+    the decode step the start-up chose."""
+    engine, _ = load_engine(settings)
+    llm = engine.engine
+    params = SamplingParams(temperature=0.0, logprobs=0)
+    request = llm.add_request(prompt, params, StopParams(max_new_tokens=12, ignore_eos=True))
+    logprobs: list[float] = []
+    while llm.has_work():
+        for _, event in llm.step():
+            logprobs += [t.logprob for t in event.tokens if t.logprob is not None]
+    return request.output_token_ids, logprobs, decode_step_of(llm.runner)
+
+
+@pytest.mark.parametrize("mode", ["on", "auto"])
+def test_served_tokens_are_those_of_the_torch_step(tmp_path: Path, mode: str) -> None:
+    save_checkpoint(make_model(seed=11), tmp_path / "m")
+    prompt = [464, 2068, 7586, 21831]
+    base = Settings(model=str(tmp_path / "m"), device="cpu")
+    off_tokens, off_logprobs, off_step = serve_tokens(
+        base.model_copy(update={"native_decode": "off"}), prompt
+    )
+    tokens, logprobs, step = serve_tokens(base.model_copy(update={"native_decode": mode}), prompt)
+    assert off_step == "torch"
+    if mode == "on":
+        assert step == "compiled for this CPU up to 16 rows, torch beyond"
+    assert tokens == off_tokens and len(tokens) == 12
+    torch.testing.assert_close(
+        torch.tensor(logprobs), torch.tensor(off_logprobs), rtol=0, atol=1e-4
+    )
