@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from service.bench import BenchConfig, run_benchmark
+from service.bench.report import format_errors
 
 Figures = dict[str, float | None]
 DIGEST = "digest"  # not a figure: a fingerprint of the outputs, compared across servers
@@ -72,6 +73,7 @@ def decode(
         figures[f"tok/s @{level.concurrency}"] = level.output_tokens_per_second
         if level.num_failed:
             figures[f"failed @{level.concurrency}"] = float(level.num_failed)
+            print(f"#   {format_errors(level)}", flush=True)
     last = result.levels[-1]
     figures[f"TTFT p50 @{last.concurrency} ms"] = last.ttft_p50_ms
     # What the load client took from the machine it shares with the server.

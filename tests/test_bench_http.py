@@ -38,7 +38,8 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[str, bytes]:
 
 
 class RawServer:
-    """Counts connections; `answers` are sent in turn, one per request, whatever the request."""
+    """Counts connections; `answers` are sent in turn, one per request, whatever the request (an
+    empty one closes the connection without an answer)."""
 
     def __init__(self, answers: list[bytes], close_after: bool = False) -> None:
         self.answers = answers
@@ -68,9 +69,10 @@ class RawServer:
         try:
             while self.answers:
                 self.requests.append(await _read_request(reader))
-                writer.write(self.answers.pop(0))
+                answer = self.answers.pop(0)
+                writer.write(answer)
                 await writer.drain()
-                if self.close_after:
+                if self.close_after or not answer:  # an empty answer: close unanswered
                     break
         except asyncio.IncompleteReadError:
             pass
@@ -170,19 +172,49 @@ def test_skip_a_kept_connection_the_server_closed_while_idle() -> None:
     asyncio.run(main())
 
 
-def test_never_send_a_request_twice() -> None:
-    # The server reads the second request on the kept connection and drops it unanswered.
+def test_a_kept_connection_closed_unanswered_is_tried_once_more_on_a_new_one() -> None:
+    # The server reads the second request on the kept connection and closes it unanswered, as
+    # llama-server closes a connection after each stream: the request goes again, on a new one.
     ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
     async def main() -> None:
-        async with RawServer([ok, b""]) as server:
+        async with RawServer([ok, b"", ok]) as server:
             pool = ConnectionPool()
-            async with pool.request("POST", server.url, body=b"{}") as response:
-                assert await response.read() == b"ok"
-            with pytest.raises(ProtocolError, match="closed before a response"):
+            for _ in range(2):
+                async with pool.request("POST", server.url, body=b"{}") as response:
+                    assert await response.read() == b"ok"
+            assert len(server.requests) == 3 and server.connections == 2
+            await pool.aclose()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("answers", "message"),
+    [
+        # a new connection closed unanswered: not sent again
+        ([b""], "closed before a response"),
+        # a kept connection closed after part of an answer: not sent again
+        ([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"HTTP/1.1 200 OK\r\nContent-Le"],
+         "closed in a response's headers"),
+        # an interim answer came first: not sent again
+        ([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"HTTP/1.1 100 Continue\r\n\r\n"],
+         "closed after an interim response"),
+    ],
+)  # fmt: skip
+def test_never_send_again_after_a_new_connection_or_part_of_an_answer(
+    answers: list[bytes], message: str
+) -> None:
+    async def main() -> None:
+        async with RawServer(list(answers)) as server:
+            pool = ConnectionPool()
+            if len(answers) == 2:
+                async with pool.request("POST", server.url, body=b"{}") as response:
+                    assert await response.read() == b"ok"
+            with pytest.raises(ProtocolError, match=message):
                 async with pool.request("POST", server.url, body=b"{}"):
                     pass
-            assert len(server.requests) == 2 and server.connections == 1
+            assert len(server.requests) == len(answers) and server.connections == 1
             await pool.aclose()
 
     asyncio.run(main())

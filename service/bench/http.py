@@ -10,9 +10,16 @@ without HTTP. Every server in a comparison is driven through this same client.
 Only what a completions benchmark needs: GET and POST over http or https, responses framed by
 `Transfer-Encoding: chunked`, `Content-Length` or the end of the connection, no proxies, no
 redirects, no compression. A connection goes back to the pool only after its response was read
-to the end and the server did not ask to close it. A request is never sent twice: a kept
-connection that the server has closed meanwhile is dropped before it is used, and a request that
-fails on a kept connection fails (as on a new one) rather than being sent again.
+to the end and the server did not ask to close it; a kept connection that the server has
+closed meanwhile is dropped before it is used.
+
+Some servers close a connection right after a streamed response although its headers offered to
+keep it (llama.cpp's llama-server does, after every stream), and the close can arrive just after
+the next request went out on it. So a request whose kept connection closes before one byte of an
+answer comes back is sent once more, on a new connection, as browsers do: the server may have
+read it, but a completions request changes nothing on the server, so at worst it computes one
+answer twice. A request is never sent again after a failure on a new connection, or once any of
+its answer has arrived.
 """
 
 from __future__ import annotations
@@ -36,6 +43,10 @@ class ConnectError(HttpError):
 
 class ProtocolError(HttpError):
     """The server's response is not HTTP/1.x as this client reads it."""
+
+
+class _ClosedUnanswered(ProtocolError):
+    """The connection closed before any byte of a response."""
 
 
 class Response:
@@ -151,7 +162,15 @@ class ConnectionPool:
         try:
             if connection is None:
                 connection = await self._connect(key)
-            response = await self._send(connection, head + body)
+                response = await self._send(connection, head + body)
+            else:
+                try:
+                    response = await self._send(connection, head + body)
+                except (_ClosedUnanswered, ConnectionResetError, BrokenPipeError):
+                    connection.close()  # closed by the server, maybe before it read the request
+                    connection = None
+                    connection = await self._connect(key)
+                    response = await self._send(connection, head + body)
             yield response
         except OSError as error:
             raise HttpError(f"{type(error).__name__}: {error}") from None
@@ -195,11 +214,16 @@ class ConnectionPool:
 
     @staticmethod
     async def _read_head(reader: asyncio.StreamReader) -> Response:
+        interim = False  # an interim (1xx) response came first
         while True:
             try:
                 raw = await reader.readuntil(b"\r\n\r\n")
-            except asyncio.IncompleteReadError:
-                raise ProtocolError("connection closed before a response") from None
+            except asyncio.IncompleteReadError as error:
+                if error.partial:
+                    raise ProtocolError("connection closed in a response's headers") from None
+                if interim:
+                    raise ProtocolError("connection closed after an interim response") from None
+                raise _ClosedUnanswered("connection closed before a response") from None
             except asyncio.LimitOverrunError:
                 raise ProtocolError("response headers too large") from None
             status_line, *header_lines = raw[:-4].decode("latin-1").split("\r\n")
@@ -213,6 +237,7 @@ class ConnectionPool:
             if status == 101:
                 raise ProtocolError("the server switched protocols")
             if 100 <= status < 200:  # an interim response: the real one follows
+                interim = True
                 continue
             headers: dict[str, str] = {}
             for line in header_lines:
