@@ -177,10 +177,16 @@ NATIVE_ROW_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16)
 NATIVE_PROBE_POSITION = 32  # where the probe's rows decode: a short context, as most steps
 
 
-def choose_native_decode(model: GPT, max_rows: int, force: bool = False) -> NativeRoute | None:
+def choose_native_decode(
+    model: GPT,
+    max_rows: int,
+    force: bool = False,
+    kv_cache_dtype: torch.dtype = torch.float32,
+) -> NativeRoute | None:
     """Time the compiled decode step (model.native_decode) against the torch one on this
-    model's weights, as they are now laid out and packed, at a few row counts; attach it to the
-    model for the row counts up to the largest from which down it wins at every count probed.
+    model's weights, as they are now laid out, packed or quantized, over a KV cache of the
+    serving dtype, at a few row counts; attach it to the model for the row counts up to the
+    largest from which down it wins at every count probed.
     `force` attaches it for every row count it takes, unmeasured. Returns the route, or None
     (the torch step for every row count: the step cannot be built here, or never wins)."""
     attach_route(model, None)
@@ -197,7 +203,10 @@ def choose_native_decode(model: GPT, max_rows: int, force: bool = False) -> Nati
     counts = [r for r in NATIVE_ROW_COUNTS if r <= min(max(1, max_rows), native.max_rows)]
     config = model.config
     length = min(config.block_size, NATIVE_PROBE_POSITION + 1)
-    cache = KVCache(config, counts[-1], length)
+    cache = KVCache(config, counts[-1], length, dtype=kv_cache_dtype)
+    if not native.supports(cache):
+        logger.info("decode step: torch (the compiled one has no %s KV cache)", kv_cache_dtype)
+        return None
     reference = DecodeStep(model)  # no route attached: the torch step
     timings: dict[int, tuple[float, float]] = {}
     with torch.inference_mode():

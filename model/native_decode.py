@@ -7,11 +7,17 @@ parallel region per linear layer whose threads start and stop, and the small ops
 parallel region (see its header), reading the weights where torch keeps them, in either layout
 (model.weight_layout), and the KV cache in place.
 
+int8 models (model.quantize) run on the same integers and scales, read one byte per weight and
+widened to float32 in registers: the logits of the float32 model with the dequantized weights,
+without torch's rounding of the activations to 8 bits. Whether that beats torch's int8 kernels
+(which use the CPU's int8 dot-product instructions) is measured like the rest: on the AVX-512
+Xeons this project is measured on, it does not, and torch keeps the int8 steps.
+
 It is built at start-up with the system's C compiler, for this CPU (`-march=native`), into a
 cache folder keyed by the source, the compiler and the CPU's flags, so later starts only load it
 (~0.1 s instead of ~1-2 s). It links the OpenMP runtime torch already loaded (libgomp), so both
 share one team of threads. Where there is no compiler, the build fails, or the model is one it
-does not cover (not float32 on the CPU, int8 or batch-invariant linears, a 16-bit KV cache),
+does not cover (not float32 on the CPU, batch-invariant linears, a float16 KV cache),
 `NativeUnavailable` says why and the torch decode step (model.decode) runs as before: it stays the
 reference this one is tested against (logits within 1e-4).
 """
@@ -36,12 +42,13 @@ from torch import nn
 
 from model.gpt2 import GPT
 from model.kv_cache import KVCache
+from model.quantize import DynamicInt8Linear, RoutedInt8Linear
 from model.weight_layout import is_column_major
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "native" / "decode_step.c"
-ABI = 1  # GPTSERVE_NATIVE_ABI in the source: the structs below match that version
+ABI = 2  # GPTSERVE_NATIVE_ABI in the source: the structs below match that version
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 BUILD_TIMEOUT_S = 120
 
@@ -57,6 +64,8 @@ class _Linear(ctypes.Structure):
         ("in_features", ctypes.c_int),
         ("out_features", ctypes.c_int),
         ("column_major", ctypes.c_int),
+        ("qweight", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
     ]
 
 
@@ -184,6 +193,7 @@ def load_library() -> ctypes.CDLL:
         ctypes.c_int,
         ctypes.c_int,
         ctypes.c_int,
+        ctypes.c_int,
         ctypes.POINTER(ctypes.c_int),
         ctypes.POINTER(ctypes.c_int),
         ctypes.POINTER(ctypes.c_int),
@@ -202,6 +212,20 @@ def _loaded_openmp() -> str:
     except OSError:
         return "libgomp"  # no /proc: assume the usual build (it links libgomp)
     return " ".join(name for name in ("libgomp", "libiomp", "libomp") if name in maps)
+
+
+def weights_signature(model: nn.Module) -> tuple[object, ...]:
+    """Where every weight of `model` lives and how it is laid out (int8 layers: their packed
+    weights' object); any change of weights, layout or quantization changes it."""
+    parts: list[object] = []
+    for name, module in model.named_modules():
+        parts.append((name, type(module).__name__))
+        packed = module.__dict__.get("_packed_params")  # an int8 layer's packed weights
+        if packed is not None:
+            parts.append(id(packed))
+        for key, param in module.named_parameters(recurse=False):
+            parts.append((key, param.data_ptr(), param.stride(), param.dtype))
+    return tuple(parts)
 
 
 def _float_weight(tensor: torch.Tensor, name: str) -> torch.Tensor:
@@ -264,15 +288,12 @@ class NativeDecode:
         )
         self._workspace = torch.empty(0)
         self._lock = threading.Lock()  # one workspace: one step at a time
-        self.signature = tuple((t.data_ptr(), t.stride()) for t in self._keep)
+        self.signature = weights_signature(model)
 
     def matches(self, model: GPT) -> bool:
         """Whether `model`'s weights are still the ones this step reads, where and as they were
         laid out (a later quantization, reload or layout change would leave it reading others)."""
-        try:
-            return NativeDecode(model).signature == self.signature
-        except NativeUnavailable:
-            return False
+        return weights_signature(model) == self.signature
 
     def _vector(self, tensor: torch.Tensor | None, name: str) -> int:
         if tensor is None:
@@ -282,9 +303,13 @@ class NativeDecode:
         return vector.data_ptr()
 
     def _linear(self, module: nn.Module, name: str) -> _Linear:
+        if isinstance(module, RoutedInt8Linear):
+            module = module.layer  # the same int8 weights, packed for two engines
+        if isinstance(module, DynamicInt8Linear):
+            return self._int8_linear(module, name)
         weight = getattr(module, "weight", None)
         if not isinstance(module, nn.Linear) or not isinstance(weight, torch.Tensor):
-            raise NativeUnavailable(f"{name} is not a plain linear layer (int8 or wrapped)")
+            raise NativeUnavailable(f"{name} is not a plain or int8 linear layer")
         weight = _float_weight(weight, f"{name}.weight")
         column_major = is_column_major(weight)
         if not (weight.is_contiguous() or column_major):
@@ -295,11 +320,28 @@ class NativeDecode:
             weight.data_ptr(), bias, module.in_features, module.out_features, int(column_major)
         )
 
+    def _int8_linear(self, module: DynamicInt8Linear, name: str) -> _Linear:
+        """An int8 layer's own integers and per-output scales (model.quantize), in a copy of
+        its own: column-major int8, so that each thread streams its band of input features."""
+        weight, bias = module._packed_params._weight_bias()
+        if weight.qscheme() not in (torch.per_channel_symmetric, torch.per_channel_affine):
+            raise NativeUnavailable(f"{name} is not quantized per output channel")
+        if weight.q_per_channel_axis() != 0 or bool(weight.q_per_channel_zero_points().any()):
+            raise NativeUnavailable(f"{name}'s int8 weights are not symmetric per output")
+        integers = weight.int_repr().t().contiguous()  # (in, out) int8
+        scales = weight.q_per_channel_scales().to(torch.float32).contiguous()
+        self._keep += [integers, scales]
+        bias_at = 0 if bias is None else self._vector(bias, f"{name}.bias")
+        out_features, in_features = weight.shape
+        return _Linear(
+            0, bias_at, in_features, out_features, 1, integers.data_ptr(), scales.data_ptr()
+        )
+
     @staticmethod
     def supports(cache: KVCache) -> bool:
-        """Whether the step can read and write this cache (float32, contiguous)."""
+        """Whether the step can read and write this cache (float32 or bfloat16, contiguous)."""
         return (
-            cache.k.dtype == torch.float32
+            cache.k.dtype in (torch.float32, torch.bfloat16)
             and cache.k.device.type == "cpu"
             and cache.k.is_contiguous()
             and cache.v.is_contiguous()
@@ -321,7 +363,9 @@ class NativeDecode:
         if not (len(slots) == len(positions) == rows):
             raise ValueError("token_ids, slots and positions must have the same length")
         if not self.supports(cache):
-            raise ValueError("the native decode step needs a contiguous float32 CPU KV cache")
+            raise ValueError(
+                "the native decode step needs a contiguous float32 or bfloat16 CPU KV cache"
+            )
         num_slots, max_len = cache.num_slots, cache.max_seq_len
         for token, slot, position in zip(token_ids, slots, positions, strict=True):
             if not (0 <= token < self.vocab_size and 0 <= slot < num_slots):
@@ -339,6 +383,7 @@ class NativeDecode:
                 self._model,
                 cache.k.data_ptr(),
                 cache.v.data_ptr(),
+                int(cache.k.dtype == torch.bfloat16),
                 num_slots,
                 max_len,
                 rows,

@@ -165,12 +165,12 @@ def test_decode_step_takes_the_route_up_to_its_rows_and_torch_beyond() -> None:
     assert native.max_rows == 16
 
 
-def test_a_16_bit_cache_goes_to_torch() -> None:
+def test_a_float16_cache_goes_to_torch() -> None:
     model = odd_model(seed=5)
     native_or_skip(model)
     attach_route(model, NativeRoute(NativeDecode(model), max_rows=16))
     step = DecodeStep(model)
-    cache = KVCache(ODD, 1, ODD.block_size, dtype=torch.bfloat16)
+    cache = KVCache(ODD, 1, ODD.block_size, dtype=torch.float16)
     assert step.native is not None and not step.native.step.supports(cache)
     with torch.inference_mode():
         logits = step(cache, [3], [0], [0])  # the torch step, in the cache's dtype
@@ -193,16 +193,18 @@ def test_bad_calls_are_refused_before_the_c_code_runs() -> None:
         ):
             with pytest.raises(ValueError, match=message):
                 native(cache, tokens, slots, positions)
-        with pytest.raises(ValueError, match="float32"):
-            native(KVCache(ODD, 1, 8, dtype=torch.bfloat16), [1], [0], [0])
+        with pytest.raises(ValueError, match="float32 or bfloat16"):
+            native(KVCache(ODD, 1, 8, dtype=torch.float16), [1], [0], [0])
 
 
 def test_models_it_does_not_cover_are_refused() -> None:
     native_or_skip(odd_model())
-    with pytest.raises(NativeUnavailable, match="plain linear"):
-        NativeDecode(quantize_int8(odd_model()))
     with pytest.raises(NativeUnavailable, match="float32"):
         NativeDecode(odd_model().to(torch.bfloat16))
+    wrapped = odd_model()
+    wrapped.transformer.h[0].mlp.c_fc = torch.nn.Sequential(wrapped.transformer.h[0].mlp.c_fc)
+    with pytest.raises(NativeUnavailable, match="not a plain or int8 linear layer"):
+        NativeDecode(wrapped)
 
 
 def test_a_changed_layout_detaches_the_route(caplog: pytest.LogCaptureFixture) -> None:
@@ -318,3 +320,69 @@ def test_served_tokens_are_those_of_the_torch_step(tmp_path: Path, mode: str) ->
     torch.testing.assert_close(
         torch.tensor(logprobs), torch.tensor(off_logprobs), rtol=0, atol=1e-4
     )
+
+
+def dequantized(model: GPT) -> GPT:
+    """A float32 copy of an int8 model (model.quantize) whose linear weights are its int8
+    weights times their scales: what the compiled step computes with them."""
+    reference = make_model(model.config)
+    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    reference.load_state_dict(
+        {k: v for k, v in state.items() if k in reference.state_dict()}, strict=False
+    )
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            packed = getattr(module, "_packed_params", None)
+            if isinstance(packed, torch.nn.Module):
+                weight, bias = packed._weight_bias()
+                target = reference.get_submodule(name)
+                # the head gets its own weight: the embedding stays float32, untied from it
+                target.weight = torch.nn.Parameter(weight.dequantize())
+                if bias is not None:
+                    target.bias.copy_(bias)
+    return reference
+
+
+def test_int8_weights_are_computed_as_their_float_values() -> None:
+    """int8 layers: the stored integers times their scales, in float32 (no activation
+    quantization), so the logits are those of the dequantized float model."""
+    model = quantize_int8(odd_model(seed=12))
+    native = native_or_skip(model)
+    reference = DecodeStep(dequantized(model))
+    prompts = [[(5 * i + j) % 101 for j in range(2 + 3 * i)] for i in range(5)]
+    ours = prefilled(dequantized(model), prompts)
+    theirs = prefilled(dequantized(model), prompts)
+    for rows in ([0], [1, 3, 4], [0, 1, 2, 3, 4]):
+        tokens = [(11 * row + 2) % 101 for row in rows]
+        positions = [len(prompts[row]) for row in rows]
+        with torch.inference_mode():
+            expected = reference(theirs, tokens, rows, positions)
+            got = native(ours, tokens, rows, positions)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+        for row, token in zip(rows, tokens, strict=True):
+            prompts[row].append(token)
+    torch.testing.assert_close(ours.k, theirs.k, rtol=0, atol=1e-5)
+
+
+def test_a_bfloat16_cache_is_written_rounded_and_read() -> None:
+    model = odd_model(seed=13)
+    native = native_or_skip(model)
+    reference = DecodeStep(model)
+    config = model.config
+    ours = KVCache(config, 3, config.block_size, dtype=torch.bfloat16)
+    theirs = KVCache(config, 3, config.block_size, dtype=torch.bfloat16)
+    for position in range(6):  # token by token: every key read back from the bfloat16 cache
+        tokens, slots = [position + 1, 2 * position + 3], [0, 2]
+        with torch.inference_mode():
+            expected = reference(theirs, tokens, slots, [position] * 2)
+            got = native(ours, tokens, slots, [position] * 2)
+        # torch's attention runs in bfloat16 (its query rounded too), this one in float32
+        torch.testing.assert_close(got, expected, rtol=0, atol=5e-2)
+    # The first layer's keys and values come from the same float32 numbers in both, rounded to
+    # nearest even (a float32 difference may round apart by one step); later layers' differ as
+    # the attention before them did.
+    for ours_kv, theirs_kv in ((ours.k, theirs.k), (ours.v, theirs.v)):
+        torch.testing.assert_close(ours_kv[0].float(), theirs_kv[0].float(), rtol=2**-7, atol=1e-6)
+        assert (ours_kv[0] != theirs_kv[0]).float().mean() < 0.01  # rounded as torch rounds
+        torch.testing.assert_close(ours_kv.float(), theirs_kv.float(), rtol=0, atol=2e-2)
+    assert ours.k[:, 1].abs().sum() == 0  # the slot no row used is untouched

@@ -17,6 +17,12 @@
  * Either way each thread streams its own contiguous part of the weight, which is what the
  * hardware prefetchers do best.
  *
+ * int8 weights (model/quantize.py: integers per output channel times a scale) are read as int8,
+ * one byte per weight, widened to float32 in registers; the activations stay float32 (torch's
+ * int8 kernels quantize them too), so the step computes exactly what a float32 model with the
+ * dequantized weights would. The KV cache may be float32 or bfloat16 (rounded to nearest even on
+ * the way in, as torch rounds).
+ *
  * Everything is computed in float32 with the same formulas as model/gpt2.py (tanh GELU, the
  * LayerNorm's biased variance, attention scaled by 1/sqrt(head_dim)); only the order of the
  * sums differs, so the logits agree with torch's to float rounding (~1e-5).
@@ -29,7 +35,7 @@
 #include <stddef.h>
 #include <string.h>
 
-#define GPTSERVE_NATIVE_ABI 1
+#define GPTSERVE_NATIVE_ABI 2
 #define MAX_ROWS 16
 #define TILE_BYTES (256 * 1024) /* a column-major band's partial outputs kept per pass */
 
@@ -37,6 +43,10 @@ typedef struct {
     const float *weight; /* (out, in) row-major, or (in, out) contiguous when column_major */
     const float *bias;   /* (out) or NULL */
     int in_features, out_features, column_major;
+    /* int8 weights instead (weight NULL): (in, out) contiguous, output o's are scales[o] times
+     * the stored integers */
+    const signed char *qweight;
+    const float *scales;
 } Linear;
 
 typedef struct {
@@ -147,6 +157,28 @@ static inline __attribute__((always_inline)) void column_step8(const float *w, i
     }
 }
 
+/* The same for int8 weights: each is widened to float once for all R rows (the scale is applied
+ * to the sums, in linear_finish). */
+static inline __attribute__((always_inline)) void column_step8_int8(const signed char *w, int out,
+                                                                    const float *x, int in, int R,
+                                                                    float *partial, int o0,
+                                                                    int n) {
+    float xs[4][8];
+    for (int r = 0; r < R; r++)
+        for (int k = 0; k < 8; k++) xs[r][k] = x[(size_t)r * in + k];
+#pragma omp simd
+    for (int o = 0; o < n; o++) {
+        const float w0 = w[o], w1 = w[out + o], w2 = w[2 * out + o], w3 = w[3 * out + o];
+        const float w4 = w[4 * out + o], w5 = w[5 * out + o], w6 = w[6 * out + o];
+        const float w7 = w[7 * out + o];
+        for (int r = 0; r < R; r++) {
+            const float *c = xs[r];
+            partial[(size_t)r * out + o0 + o] += c[0] * w0 + c[1] * w1 + c[2] * w2 + c[3] * w3 +
+                                                 c[4] * w4 + c[5] * w5 + c[6] * w6 + c[7] * w7;
+        }
+    }
+}
+
 /* Column-major: this thread's band of input features [i0, i1), partial sums over it for every
  * output and row, in tiles of outputs small enough to stay in cache across the band. Each
  * eight weight rows are read from memory once and used by the rows in groups of up to four. */
@@ -159,7 +191,20 @@ static void column_band(const Linear *L, const float *x, int rows, float *partia
         const int n = o0 + tile <= out ? tile : out - o0;
         for (int r = 0; r < rows; r++) memset(partial + (size_t)r * out + o0, 0, sizeof(float) * n);
         int i = i0;
-        for (; i + 8 <= i1; i += 8) {
+        for (; L->qweight && i + 8 <= i1; i += 8) {
+            const signed char *w = L->qweight + (size_t)i * out + o0;
+            for (int r0 = 0; r0 < rows; r0 += 4) {
+                const float *xr = x + (size_t)r0 * in + i;
+                float *pr = partial + (size_t)r0 * out;
+                switch (rows - r0 < 4 ? rows - r0 : 4) {
+                case 1: column_step8_int8(w, out, xr, in, 1, pr, o0, n); break;
+                case 2: column_step8_int8(w, out, xr, in, 2, pr, o0, n); break;
+                case 3: column_step8_int8(w, out, xr, in, 3, pr, o0, n); break;
+                default: column_step8_int8(w, out, xr, in, 4, pr, o0, n); break;
+                }
+            }
+        }
+        for (; !L->qweight && i + 8 <= i1; i += 8) {
             const float *w = L->weight + (size_t)i * out + o0;
             for (int r0 = 0; r0 < rows; r0 += 4) {
                 const float *xr = x + (size_t)r0 * in + i;
@@ -173,12 +218,18 @@ static void column_band(const Linear *L, const float *x, int rows, float *partia
             }
         }
         for (; i < i1; i++) {
-            const float *w = L->weight + (size_t)i * out + o0;
             for (int r = 0; r < rows; r++) {
                 const float c = x[(size_t)r * in + i];
                 float *acc = partial + (size_t)r * out + o0;
+                if (L->qweight) {
+                    const signed char *q = L->qweight + (size_t)i * out + o0;
 #pragma omp simd
-                for (int o = 0; o < n; o++) acc[o] += c * w[o];
+                    for (int o = 0; o < n; o++) acc[o] += c * (float)q[o];
+                } else {
+                    const float *w = L->weight + (size_t)i * out + o0;
+#pragma omp simd
+                    for (int o = 0; o < n; o++) acc[o] += c * w[o];
+                }
             }
         }
     }
@@ -223,7 +274,7 @@ static void row_band(const Linear *L, const float *x, int rows, float *result, i
  * write final sums for their outputs into the first block). Ends with a barrier. */
 static int linear_partials(const Linear *L, const float *x, int rows, float *partials) {
     const int thread = omp_get_thread_num(), threads = omp_get_num_threads();
-    if (L->column_major) {
+    if (L->column_major || L->qweight) {
         const int in = L->in_features;
         int band = (in + threads - 1) / threads;
         band = (band + 7) & ~7;
@@ -260,8 +311,10 @@ static void linear_finish(const Linear *L, const float *partials, int blocks, in
             float *d = dst + at;
 #pragma omp simd
             for (int o = o0; o < o1; o++) {
-                float sum = L->bias ? L->bias[o] : 0.0f;
+                float sum = 0.0f;
                 for (int b = 0; b < blocks; b++) sum += partials[b * block + at + o];
+                if (L->scales) sum *= L->scales[o];
+                if (L->bias) sum += L->bias[o];
                 if (epilogue == GELU) sum = gelu(sum);
                 if (epilogue == ADD_TO) sum += d[o];
                 d[o] = sum;
@@ -270,48 +323,68 @@ static void linear_finish(const Linear *L, const float *partials, int blocks, in
     }
 }
 
-/* One row's attention for one head over positions [0, position] of its slot. */
-static void attend(const float *q, const float *keys, const float *values, int length,
-                   int head_dim, float *scores, float *out) {
-    const float scale = 1.0f / sqrtf((float)head_dim);
-    float top = -INFINITY;
-    for (int t = 0; t < length; t++) {
-        const float *k = keys + (size_t)t * head_dim;
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int d = 0; d < head_dim; d++) dot += q[d] * k[d];
-        scores[t] = dot * scale;
-        top = scores[t] > top ? scores[t] : top;
-    }
-    float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-    for (int t = 0; t < length; t++) {
-        scores[t] = exp_approx(scores[t] - top);
-        total += scores[t];
-    }
-    for (int d = 0; d < head_dim; d++) out[d] = 0.0f;
-    for (int t = 0; t < length; t++) {
-        const float *v = values + (size_t)t * head_dim;
-        const float w = scores[t];
-#pragma omp simd
-        for (int d = 0; d < head_dim; d++) out[d] += w * v[d];
-    }
-    const float inv = 1.0f / total;
-    for (int d = 0; d < head_dim; d++) out[d] *= inv;
+/* bfloat16 keys and values: the upper half of a float32's bits, rounded to nearest even on the
+ * way in as torch rounds them. */
+static inline float from_bf16(unsigned short h) {
+    union { unsigned int u; float f; } c;
+    c.u = (unsigned int)h << 16;
+    return c.f;
 }
+
+static inline unsigned short to_bf16(float f) {
+    union { unsigned int u; float f; } c;
+    c.f = f;
+    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((c.u >> 16) | 0x40); /* NaN */
+    return (unsigned short)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
+}
+
+/* One row's attention for one head over its first `length` positions: keys and values of
+ * type T, read as float through LOAD. */
+#define DEFINE_ATTEND(NAME, T, LOAD)                                                            \
+    static void NAME(const float *q, const T *keys, const T *values, int length, int head_dim,  \
+                     float *scores, float *out) {                                               \
+        const float scale = 1.0f / sqrtf((float)head_dim);                                      \
+        float top = -INFINITY;                                                                  \
+        for (int t = 0; t < length; t++) {                                                      \
+            const T *k = keys + (size_t)t * head_dim;                                           \
+            float dot = 0.0f;                                                                   \
+            _Pragma("omp simd reduction(+ : dot)") for (int d = 0; d < head_dim; d++) dot +=    \
+                q[d] * LOAD(k[d]);                                                              \
+            scores[t] = dot * scale;                                                            \
+            top = scores[t] > top ? scores[t] : top;                                            \
+        }                                                                                       \
+        float total = 0.0f;                                                                     \
+        _Pragma("omp simd reduction(+ : total)") for (int t = 0; t < length; t++) {             \
+            scores[t] = exp_approx(scores[t] - top);                                            \
+            total += scores[t];                                                                 \
+        }                                                                                       \
+        for (int d = 0; d < head_dim; d++) out[d] = 0.0f;                                       \
+        for (int t = 0; t < length; t++) {                                                      \
+            const T *v = values + (size_t)t * head_dim;                                         \
+            const float w = scores[t];                                                          \
+            _Pragma("omp simd") for (int d = 0; d < head_dim; d++) out[d] += w * LOAD(v[d]);    \
+        }                                                                                       \
+        const float inv = 1.0f / total;                                                         \
+        for (int d = 0; d < head_dim; d++) out[d] *= inv;                                       \
+    }
+
+#define AS_FLOAT(v) (v)
+DEFINE_ATTEND(attend_f32, float, AS_FLOAT)
+DEFINE_ATTEND(attend_bf16, unsigned short, from_bf16)
 
 static float *aligned(float *p) { return (float *)(((size_t)p + 63) & ~(size_t)63); }
 
 /*
  * Feed tokens[r] at positions[r] of cache slot slots[r], for each of `rows` rows, and write the
  * logits (rows, vocab) to `logits`. Each row's key and value are stored in the cache (layout
- * (n_layer, num_slots, n_head, max_len, head_dim), float32) before any row attends, so rows of
+ * (n_layer, num_slots, n_head, max_len, head_dim), float32, or bfloat16 with kv_bf16) before
+ * any row attends, so rows of
  * one slot at consecutive positions attend causally over each other (a speculative check).
  * Returns 0, or -1 when `rows` is out of range.
  */
-int gptserve_decode(const Model *m, float *k_cache, float *v_cache, int num_slots, int max_len,
-                    int rows, const int *tokens, const int *slots, const int *positions,
-                    int threads, float *workspace, float *logits) {
+int gptserve_decode(const Model *m, void *k_cache, void *v_cache, int kv_bf16, int num_slots,
+                    int max_len, int rows, const int *tokens, const int *slots,
+                    const int *positions, int threads, float *workspace, float *logits) {
     if (rows < 1 || rows > MAX_ROWS) return -1;
     const int C = m->n_embd, H = m->n_head, D = C / H;
     float *x = aligned(workspace);
@@ -345,7 +418,7 @@ int gptserve_decode(const Model *m, float *k_cache, float *v_cache, int num_slot
 
         for (int l = 0; l < m->n_layer; l++) {
             const Block *b = &m->blocks[l];
-            float *layer_k = k_cache + l * layer_stride, *layer_v = v_cache + l * layer_stride;
+            const size_t layer_at = l * layer_stride;
 
             layer_norm(x, norm, rows, C, b->ln_1_weight, b->ln_1_bias, m->eps);
             int blocks = linear_partials(&b->qkv, norm, rows, partials);
@@ -355,17 +428,31 @@ int gptserve_decode(const Model *m, float *k_cache, float *v_cache, int num_slot
 #pragma omp for schedule(static)
             for (int item = 0; item < rows * H; item++) {
                 const int r = item / H, h = item % H;
-                const size_t at = (size_t)slots[r] * H * head_stride + h * head_stride +
+                const size_t at = layer_at + (size_t)slots[r] * H * head_stride + h * head_stride +
                                   (size_t)positions[r] * D;
-                memcpy(layer_k + at, qkv + (size_t)r * 3 * C + C + h * D, sizeof(float) * D);
-                memcpy(layer_v + at, qkv + (size_t)r * 3 * C + 2 * C + h * D, sizeof(float) * D);
+                const float *key = qkv + (size_t)r * 3 * C + C + h * D, *value = key + C;
+                if (kv_bf16) {
+                    unsigned short *k = (unsigned short *)k_cache + at;
+                    unsigned short *v = (unsigned short *)v_cache + at;
+                    for (int d = 0; d < D; d++) k[d] = to_bf16(key[d]), v[d] = to_bf16(value[d]);
+                } else {
+                    memcpy((float *)k_cache + at, key, sizeof(float) * D);
+                    memcpy((float *)v_cache + at, value, sizeof(float) * D);
+                }
             }
 #pragma omp for schedule(static)
             for (int item = 0; item < rows * H; item++) {
                 const int r = item / H, h = item % H;
-                const size_t at = (size_t)slots[r] * H * head_stride + h * head_stride;
-                attend(qkv + (size_t)r * 3 * C + h * D, layer_k + at, layer_v + at,
-                       positions[r] + 1, D, my_scores, att + (size_t)r * C + h * D);
+                const size_t at = layer_at + (size_t)slots[r] * H * head_stride + h * head_stride;
+                const float *query = qkv + (size_t)r * 3 * C + h * D;
+                float *dst = att + (size_t)r * C + h * D;
+                if (kv_bf16)
+                    attend_bf16(query, (const unsigned short *)k_cache + at,
+                                (const unsigned short *)v_cache + at, positions[r] + 1, D,
+                                my_scores, dst);
+                else
+                    attend_f32(query, (const float *)k_cache + at, (const float *)v_cache + at,
+                               positions[r] + 1, D, my_scores, dst);
             }
 
             blocks = linear_partials(&b->out, att, rows, partials);
@@ -384,3 +471,4 @@ int gptserve_decode(const Model *m, float *k_cache, float *v_cache, int num_slot
     }
     return 0;
 }
+

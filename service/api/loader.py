@@ -157,13 +157,14 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
             use_fastest_float32_kernels(model, probe_rows)
     if (
         settings.native_decode != "off"
-        and settings.quantization == "none"
         and not settings.batch_invariant
         and device.type == "cpu"
         and dtype == torch.float32
     ):  # last: it reads the weights where the choices above left them
         rows = max(settings.max_batch_size, settings.num_speculative_tokens + 1)
-        choose_native_decode(model, rows, force=settings.native_decode == "on")
+        force = settings.native_decode == "on"
+        cache = resolve_kv_cache_dtype(kv_cache_dtype, dtype)
+        choose_native_decode(model, rows, force=force, kv_cache_dtype=cache)
     if loaded.tokenizer_dir is not None:
         tokenizer = Tokenizer.for_model_dir(loaded.tokenizer_dir)
     else:
