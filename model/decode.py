@@ -34,7 +34,7 @@ from torch import nn
 from model.batch_invariant import InvariantAttention
 from model.gpt2 import GPT
 from model.kv_cache import KVCache
-from model.native_decode import NativeRoute, route_of
+from model.native_decode import KVStore, NativeRoute, compiled_gelu, route_of
 from model.quantize import direct_forward
 
 
@@ -90,6 +90,9 @@ class DecodeStep:
         # Steps of few rows may run compiled for this CPU (model.native_decode), where the
         # start-up measured that faster; this class stays the reference.
         self.native: NativeRoute | None = None if self.invariant else route_of(model)
+        # Batched steps write their keys and values through the compiled library where it loads
+        # (the same bytes as torch's indexed assignment, less per-call work).
+        self.compiled_writes = True
 
     def _native_takes(self, cache: KVCache, rows: int) -> bool:
         native = self.native
@@ -128,10 +131,13 @@ class DecodeStep:
         if self.invariant:
             max_len = cache.k.shape[3]
             per_query = InvariantAttention(slots, [[p] for p in positions], max_len, device)
+        store: KVStore | None = None
         if count == 1:
             slot, position = slots[0], positions[0]
         else:
             slot_index = torch.tensor(slots, device=device)
+            if self.compiled_writes:
+                store = KVStore.for_step(cache, slots, positions)
             if shared and per_query is None:
                 plan = _SharedPlan(slots, positions, shared, device)
             elif per_query is None:
@@ -144,6 +150,8 @@ class DecodeStep:
             if count == 1:
                 k_cache[slot, :, position] = key[0].to(kv_dtype)
                 v_cache[slot, :, position] = value[0].to(kv_dtype)
+            elif store is not None:
+                store(qkv.view(count, -1), index)
             else:
                 k_cache[slot_index, :, where] = key.to(kv_dtype)
                 v_cache[slot_index, :, where] = value.to(kv_dtype)
@@ -213,11 +221,20 @@ class DecodeStep:
 
 def _up_projection(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """x -> gelu(module(x)), tanh approximation: fused into the kernel where the layer offers
-    that (`PackedLinear.forward_gelu`), else the layer's direct forward and then the GELU."""
+    that (`PackedLinear.forward_gelu`), else the layer's direct forward and then the GELU, in
+    place on its output through the compiled library where that loads (model.native_decode)."""
     fused = getattr(module, "forward_gelu", None)
     if fused is not None:
         return fused
     linear = direct_forward(module)
+    gelu = compiled_gelu()
+    if gelu is not None:
+        in_place = gelu
+
+        def up_compiled(x: torch.Tensor) -> torch.Tensor:
+            return in_place(linear(x))
+
+        return up_compiled
 
     def up(x: torch.Tensor) -> torch.Tensor:
         return F.gelu(linear(x), approximate="tanh")

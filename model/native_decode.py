@@ -32,7 +32,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -201,6 +201,17 @@ def load_library() -> ctypes.CDLL:
         ctypes.c_void_p,
         ctypes.c_void_p,
     ]
+    lib.gptserve_store_kv.restype = ctypes.c_int
+    lib.gptserve_store_kv.argtypes = (
+        [ctypes.c_void_p] * 3
+        + [ctypes.c_int] * 7
+        + [
+            ctypes.POINTER(ctypes.c_int),
+            ctypes.POINTER(ctypes.c_int),
+        ]
+    )
+    lib.gptserve_gelu.restype = None
+    lib.gptserve_gelu.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
     logger.debug("native decode step loaded from %s", path)
     return lib
 
@@ -397,6 +408,81 @@ class NativeDecode:
         if status != 0:
             raise RuntimeError(f"the native decode step failed ({status})")
         return logits
+
+
+def compiled_gelu() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """GPT-2's GELU in place on a float32 CPU tensor, compiled (the step's own, ~5x faster than
+    torch's at 32 x 3072), or None where the library cannot be built; within ~1e-6 of torch's
+    tanh GELU."""
+    try:
+        lib = load_library()
+    except NativeUnavailable:
+        return None
+
+    def gelu(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+            return torch.nn.functional.gelu(x, approximate="tanh")
+        lib.gptserve_gelu(x.data_ptr(), x.numel(), max(1, torch.get_num_threads()))
+        return x
+
+    return gelu
+
+
+class KVStore:
+    """One decode step's key and value writes, compiled: for steps whose layers run on torch's
+    kernels, where an indexed assignment per layer and tensor costs ~80 us of indexing work
+    (~2 ms of a 32-row int8 step) to move a few kilobytes. The same bytes land in the cache."""
+
+    def __init__(
+        self, lib: ctypes.CDLL, cache: KVCache, slots: Sequence[int], positions: Sequence[int]
+    ) -> None:
+        rows = len(slots)
+        if not rows or len(positions) != rows:
+            raise ValueError("slots and positions must be non-empty and of the same length")
+        for slot, position in zip(slots, positions, strict=True):
+            if not (0 <= slot < cache.num_slots and 0 <= position < cache.max_seq_len):
+                raise ValueError(f"slot {slot} or position {position} outside the cache")
+        self.lib, self.cache, self.rows = lib, cache, rows
+        self.n_layer, _, self.n_head, _, self.head_dim = cache.k.shape
+        self._slots = (ctypes.c_int * rows)(*slots)
+        self._positions = (ctypes.c_int * rows)(*positions)
+
+    @classmethod
+    def for_step(
+        cls, cache: KVCache, slots: Sequence[int], positions: Sequence[int]
+    ) -> KVStore | None:
+        """The compiled writes for one step over `cache`, or None where they cannot run."""
+        if not NativeDecode.supports(cache):
+            return None
+        try:
+            lib = load_library()
+        except NativeUnavailable:
+            return None
+        return cls(lib, cache, slots, positions)
+
+    def __call__(self, qkv: torch.Tensor, layer: int) -> None:
+        """Store the keys and values of `qkv` (rows, 3C), float32, in layer `layer`."""
+        width = 3 * self.n_head * self.head_dim
+        if qkv.shape != (self.rows, width) or qkv.dtype != torch.float32:
+            raise ValueError(f"qkv must be ({self.rows}, {width}) float32, got {qkv.shape}")
+        if not 0 <= layer < self.n_layer:
+            raise ValueError(f"layer {layer} outside the cache's {self.n_layer}")
+        qkv = qkv.contiguous()
+        cache = self.cache
+        self.lib.gptserve_store_kv(
+            qkv.data_ptr(),
+            cache.k.data_ptr(),
+            cache.v.data_ptr(),
+            int(cache.k.dtype == torch.bfloat16),
+            layer,
+            cache.num_slots,
+            cache.max_seq_len,
+            self.n_head,
+            self.head_dim,
+            self.rows,
+            self._slots,
+            self._positions,
+        )
 
 
 @dataclass(frozen=True)

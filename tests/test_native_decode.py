@@ -18,11 +18,13 @@ from model.kernel_choice import choose_native_decode
 from model.kv_cache import BatchLayout, KVCache
 from model.loading import save_checkpoint
 from model.native_decode import (
+    KVStore,
     NativeDecode,
     NativeRoute,
     NativeUnavailable,
     attach_route,
     build_library,
+    compiled_gelu,
     route_of,
 )
 from model.packed_linear import pack_linears, packing_available
@@ -386,3 +388,50 @@ def test_a_bfloat16_cache_is_written_rounded_and_read() -> None:
         assert (ours_kv[0] != theirs_kv[0]).float().mean() < 0.01  # rounded as torch rounds
         torch.testing.assert_close(ours_kv.float(), theirs_kv.float(), rtol=0, atol=2e-2)
     assert ours.k[:, 1].abs().sum() == 0  # the slot no row used is untouched
+
+
+def test_compiled_gelu_is_torchs_tanh_gelu() -> None:
+    gelu = compiled_gelu()
+    if gelu is None:
+        pytest.skip("the compiled library is unavailable")
+    x = torch.cat([torch.randn(3, 1000) * 4, torch.linspace(-120, 120, 3001)[None, :1000]])
+    x[0, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0])
+    expected = torch.nn.functional.gelu(x, approximate="tanh")
+    got = gelu(x.clone())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+    strided = x.t()  # not contiguous: torch's GELU, not in place
+    torch_gelu = torch.nn.functional.gelu(strided, approximate="tanh")
+    torch.testing.assert_close(gelu(strided), torch_gelu, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(strided, x.t(), rtol=0, atol=0, equal_nan=True)  # untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_key_value_writes_are_torchs_bytes(dtype: torch.dtype) -> None:
+    model = odd_model(seed=14)
+    native_or_skip(model)
+    step = DecodeStep(model)
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9], [10, 11]]
+    ours = KVCache(ODD, 4, ODD.block_size, dtype=dtype)
+    theirs = KVCache(ODD, 4, ODD.block_size, dtype=dtype)
+    for cache in (ours, theirs):
+        for slot, prompt in enumerate(prompts):
+            with torch.inference_mode():
+                for position, token in enumerate(prompt):
+                    step(cache, [token], [slot], [position])
+    rows, positions = [3, 0, 2], [2, 3, 5]
+    with torch.inference_mode():
+        step.compiled_writes = True
+        got = step(ours, [12, 13, 14], rows, positions)
+        step.compiled_writes = False
+        expected = step(theirs, [12, 13, 14], rows, positions)
+    assert torch.equal(ours.k, theirs.k) and torch.equal(ours.v, theirs.v)
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="outside the cache"):
+        KVStore.for_step(ours, [4], [0])
+    store = KVStore.for_step(ours, [0, 1], [1, 1])
+    assert store is not None
+    with pytest.raises(ValueError, match="float32"):
+        store(torch.zeros(2, 3 * ODD.n_embd, dtype=torch.float64), 0)
+    with pytest.raises(ValueError, match="layer 2 outside"):
+        store(torch.zeros(2, 3 * ODD.n_embd), 2)
+    assert KVStore.for_step(KVCache(ODD, 1, 8, dtype=torch.float16), [0], [0]) is None
