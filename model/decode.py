@@ -71,13 +71,16 @@ class DecodeStep:
         def norm(module: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor, float]:
             return module.weight, module.bias, module.eps
 
+        # Batch-invariant models attend per query, as their prompts do (the same bits), and
+        # keep torch's GELU, as their prompts do.
+        self.invariant = any(getattr(m, "batch_invariant", False) for m in model.modules())
         self.layers = [
             _Layer(
                 norm(block.ln_1),
                 direct_forward(block.attn.c_attn),
                 direct_forward(block.attn.c_proj),
                 norm(block.ln_2),
-                _up_projection(block.mlp.c_fc),
+                _up_projection(block.mlp.c_fc, compiled=not self.invariant),
                 direct_forward(block.mlp.c_proj),
             )
             for block in transformer.blocks
@@ -85,8 +88,6 @@ class DecodeStep:
         self.wte, self.wpe = transformer.wte.weight, transformer.wpe.weight
         self.ln_f = norm(transformer.ln_f)
         self.head = direct_forward(model.lm_head)
-        # Batch-invariant models attend per query, as their prompts do (the same bits).
-        self.invariant = any(getattr(m, "batch_invariant", False) for m in model.modules())
         # Steps of few rows may run compiled for this CPU (model.native_decode), where the
         # start-up measured that faster; this class stays the reference.
         self.native: NativeRoute | None = None if self.invariant else route_of(model)
@@ -219,15 +220,18 @@ class DecodeStep:
         return self.head(F.layer_norm(x, (width,), *self.ln_f))  # (T, vocab)
 
 
-def _up_projection(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+def _up_projection(
+    module: nn.Module, compiled: bool = True
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """x -> gelu(module(x)), tanh approximation: fused into the kernel where the layer offers
     that (`PackedLinear.forward_gelu`), else the layer's direct forward and then the GELU, in
-    place on its output through the compiled library where that loads (model.native_decode)."""
+    place on its output through the compiled library where that loads (model.native_decode) and
+    `compiled` allows it (not for batch-invariant models: their prompts' bits)."""
     fused = getattr(module, "forward_gelu", None)
     if fused is not None:
         return fused
     linear = direct_forward(module)
-    gelu = compiled_gelu()
+    gelu = compiled_gelu() if compiled else None
     if gelu is not None:
         in_place = gelu
 
