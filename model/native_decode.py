@@ -166,9 +166,24 @@ def build_library(compiler: str | None = None, folder: Path | None = None) -> Pa
     return target
 
 
-@cache
 def load_library() -> ctypes.CDLL:
-    """The compiled decode step, built if needed and loaded once per process."""
+    """The compiled decode step, built if needed and loaded once per process; where that fails,
+    NativeUnavailable, and the same again on every later call without trying again."""
+    outcome = _load_once()
+    if isinstance(outcome, NativeUnavailable):
+        raise outcome
+    return outcome
+
+
+@cache
+def _load_once() -> ctypes.CDLL | NativeUnavailable:
+    try:
+        return _load()
+    except NativeUnavailable as exc:
+        return exc
+
+
+def _load() -> ctypes.CDLL:
     if torch.get_num_threads() < 1 or "libgomp" not in _loaded_openmp():
         raise NativeUnavailable("torch does not run on GNU OpenMP here, which the step shares")
     path = build_library()

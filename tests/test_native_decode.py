@@ -435,3 +435,25 @@ def test_compiled_key_value_writes_are_torchs_bytes(dtype: torch.dtype) -> None:
     with pytest.raises(ValueError, match="layer 2 outside"):
         store(torch.zeros(2, 3 * ODD.n_embd), 2)
     assert KVStore.for_step(KVCache(ODD, 1, 8, dtype=torch.float16), [0], [0]) is None
+
+
+def test_a_failed_build_is_not_tried_again_on_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batched steps ask for the library each time: where it cannot be built, the first
+    failure is the answer for the rest of the process, not a compiler run per step."""
+    attempts: list[int] = []
+
+    def failing() -> None:
+        attempts.append(1)
+        raise NativeUnavailable("compiling the decode step failed: broken")
+
+    monkeypatch.setattr(native_decode, "_load", failing)
+    native_decode._load_once.cache_clear()
+    try:
+        for _ in range(3):
+            with pytest.raises(NativeUnavailable, match="broken"):
+                native_decode.load_library()
+        assert native_decode.compiled_gelu() is None
+        assert KVStore.for_step(KVCache(ODD, 2, 8), [0, 1], [0, 0]) is None
+        assert attempts == [1]
+    finally:
+        native_decode._load_once.cache_clear()  # the real library again for the other tests
