@@ -74,13 +74,14 @@ class DecodeStep:
         # Batch-invariant models attend per query, as their prompts do (the same bits), and
         # keep torch's GELU, as their prompts do.
         self.invariant = any(getattr(m, "batch_invariant", False) for m in model.modules())
+        on_cpu = model.device.type == "cpu"
         self.layers = [
             _Layer(
                 norm(block.ln_1),
                 direct_forward(block.attn.c_attn),
                 direct_forward(block.attn.c_proj),
                 norm(block.ln_2),
-                _up_projection(block.mlp.c_fc, compiled=not self.invariant),
+                _up_projection(block.mlp.c_fc, compiled=on_cpu and not self.invariant),
                 direct_forward(block.mlp.c_proj),
             )
             for block in transformer.blocks
@@ -93,7 +94,7 @@ class DecodeStep:
         self.native: NativeRoute | None = None if self.invariant else route_of(model)
         # Batched steps write their keys and values through the compiled library where it loads
         # (the same bytes as torch's indexed assignment, less per-call work).
-        self.compiled_writes = True
+        self.compiled_writes = on_cpu
 
     def _native_takes(self, cache: KVCache, rows: int) -> bool:
         native = self.native
