@@ -81,7 +81,10 @@ class DecodeStep:
                 direct_forward(block.attn.c_attn),
                 direct_forward(block.attn.c_proj),
                 norm(block.ln_2),
-                _up_projection(block.mlp.c_fc, compiled=on_cpu and not self.invariant),
+                _up_projection(
+                    block.mlp.c_fc,
+                    compiled=on_cpu and model.dtype == torch.float32 and not self.invariant,
+                ),
                 direct_forward(block.mlp.c_proj),
             )
             for block in transformer.blocks
@@ -94,7 +97,7 @@ class DecodeStep:
         self.native: NativeRoute | None = None if self.invariant else route_of(model)
         # Batched steps write their keys and values through the compiled library where it loads
         # (the same bytes as torch's indexed assignment, less per-call work).
-        self.compiled_writes = on_cpu
+        self.compiled_writes = on_cpu and model.dtype == torch.float32
 
     def _native_takes(self, cache: KVCache, rows: int) -> bool:
         native = self.native

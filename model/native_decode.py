@@ -15,8 +15,9 @@ Xeons this project is measured on, it does not, and torch keeps the int8 steps.
 
 It is built at start-up with the system's C compiler, for this CPU (`-march=native`), into a
 cache folder keyed by the source, the compiler and the CPU's flags, so later starts only load it
-(~0.1 s instead of ~1-2 s). It links the OpenMP runtime torch already loaded (libgomp), so both
-share one team of threads. Where there is no compiler, the build fails, or the model is one it
+(~0.1 s instead of ~1-2 s). It links libgomp.so.1, which is the OpenMP runtime torch's CPU
+wheels load (torch/lib/libgomp.so.1), so both share one team of threads; a torch that ships its
+libgomp under another name would give it a second team (slower, not wrong). Where there is no compiler, the build fails, or the model is one it
 does not cover (not float32 on the CPU, batch-invariant linears, a float16 KV cache),
 `NativeUnavailable` says why and the torch decode step (model.decode) runs as before: it stays the
 reference this one is tested against (logits within 1e-4).
@@ -175,12 +176,33 @@ def load_library() -> ctypes.CDLL:
     return outcome
 
 
-@cache
+_enabled = True
+_load_lock = threading.Lock()
+
+
+def set_enabled(enabled: bool) -> None:
+    """Allow the compiled library (the default), or not: `--native-decode off` means torch
+    only, the batched steps' compiled cache writes and GELU included."""
+    global _enabled
+    _enabled = enabled
+
+
 def _load_once() -> ctypes.CDLL | NativeUnavailable:
+    if not _enabled:
+        return NativeUnavailable("turned off (--native-decode off)")
+    with _load_lock:  # one build at a time: threads asking at once wait for the first
+        return _load_cached()
+
+
+@cache
+def _load_cached() -> ctypes.CDLL | NativeUnavailable:
     try:
         return _load()
     except NativeUnavailable as exc:
         return exc
+    except Exception as exc:  # a file system, environment or library surprise: torch then
+        logger.warning("the compiled decode step cannot be loaded: %r", exc)
+        return NativeUnavailable(f"{type(exc).__name__}: {exc}")
 
 
 def _load() -> ctypes.CDLL:
@@ -238,6 +260,24 @@ def _loaded_openmp() -> str:
     except OSError:
         return "libgomp"  # no /proc: assume the usual build (it links libgomp)
     return " ".join(name for name in ("libgomp", "libiomp", "libomp") if name in maps)
+
+
+def cache_layout_ok(cache: KVCache) -> bool:
+    """A CPU cache of float32 or bfloat16 keys and values, both contiguous, of one shape
+    (n_layer, num_slots, n_head, max_len, head_dim) as model.kv_cache lays it out."""
+    k, v = cache.k, cache.v
+    return (
+        k.dim() == 5
+        and k.shape == v.shape
+        and k.shape[1] == cache.num_slots
+        and k.shape[3] == cache.max_seq_len
+        and k.dtype == v.dtype
+        and k.dtype in (torch.float32, torch.bfloat16)
+        and k.device.type == "cpu"
+        and v.device.type == "cpu"
+        and k.is_contiguous()
+        and v.is_contiguous()
+    )
 
 
 def weights_signature(model: nn.Module) -> tuple[object, ...]:
@@ -298,6 +338,8 @@ class NativeDecode:
         wpe = _float_weight(transformer.wpe.weight, "transformer.wpe.weight").contiguous()
         self._keep += [wte, wpe]
         self.vocab_size = config.vocab_size
+        self.n_layer, self.n_head = len(blocks), config.n_head
+        self.head_dim = config.n_embd // config.n_head
         self._model = _Model(
             len(blocks),
             config.n_embd,
@@ -363,14 +405,13 @@ class NativeDecode:
             0, bias_at, in_features, out_features, 1, integers.data_ptr(), scales.data_ptr()
         )
 
-    @staticmethod
-    def supports(cache: KVCache) -> bool:
-        """Whether the step can read and write this cache (float32 or bfloat16, contiguous)."""
+    def supports(self, cache: KVCache) -> bool:
+        """Whether the step can read and write this cache: float32 or bfloat16, contiguous, and
+        shaped for this model (the C code trusts the layout)."""
         return (
-            cache.k.dtype in (torch.float32, torch.bfloat16)
-            and cache.k.device.type == "cpu"
-            and cache.k.is_contiguous()
-            and cache.v.is_contiguous()
+            cache_layout_ok(cache)
+            and cache.k.shape[0] == self.n_layer
+            and (cache.k.shape[2:] == (self.n_head, cache.max_seq_len, self.head_dim))
         )
 
     def __call__(
@@ -467,7 +508,7 @@ class KVStore:
         cls, cache: KVCache, slots: Sequence[int], positions: Sequence[int]
     ) -> KVStore | None:
         """The compiled writes for one step over `cache`, or None where they cannot run."""
-        if not NativeDecode.supports(cache):
+        if not cache_layout_ok(cache):
             return None
         try:
             lib = load_library()

@@ -51,6 +51,15 @@ def make_hf_model(config: GPTConfig = TINY, seed: int = 0) -> GPT2LMHeadModel:
     return reference
 
 
+@pytest.fixture(autouse=True)
+def _compiled_library_allowed() -> None:
+    """`--native-decode off` turns the compiled library off for the process (the loader
+    says so); every test starts with it allowed again, as a fresh server would."""
+    from model.native_decode import set_enabled
+
+    set_enabled(True)
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> GPT:
     return make_model()

@@ -444,10 +444,10 @@ def test_a_failed_build_is_not_tried_again_on_every_step(monkeypatch: pytest.Mon
 
     def failing() -> None:
         attempts.append(1)
-        raise NativeUnavailable("compiling the decode step failed: broken")
+        raise OSError("read-only file system: broken")  # not only NativeUnavailable
 
     monkeypatch.setattr(native_decode, "_load", failing)
-    native_decode._load_once.cache_clear()
+    native_decode._load_cached.cache_clear()
     try:
         for _ in range(3):
             with pytest.raises(NativeUnavailable, match="broken"):
@@ -456,4 +456,39 @@ def test_a_failed_build_is_not_tried_again_on_every_step(monkeypatch: pytest.Mon
         assert KVStore.for_step(KVCache(ODD, 2, 8), [0, 1], [0, 0]) is None
         assert attempts == [1]
     finally:
-        native_decode._load_once.cache_clear()  # the real library again for the other tests
+        native_decode._load_cached.cache_clear()  # the real library again for the other tests
+
+
+def test_a_bfloat16_model_on_the_cpu_keeps_torchs_batched_steps() -> None:
+    model = odd_model(seed=15).to(torch.bfloat16)
+    native_or_skip(odd_model())  # the library builds here
+    step = DecodeStep(model)
+    assert not step.compiled_writes and step.native is None
+    cache = KVCache(ODD, 2, ODD.block_size, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        logits = step(cache, [1, 2], [0, 1], [0, 0])
+    assert logits.shape == (2, ODD.vocab_size) and torch.isfinite(logits.float()).all()
+
+
+def test_off_means_nothing_compiled(tmp_path: Path) -> None:
+    native_or_skip(odd_model())
+    save_checkpoint(make_model(seed=16), tmp_path / "m")
+    load_engine(Settings(model=str(tmp_path / "m"), device="cpu", native_decode="off"))
+    with pytest.raises(NativeUnavailable, match="turned off"):
+        native_decode.load_library()
+    assert compiled_gelu() is None
+    assert KVStore.for_step(KVCache(ODD, 2, 8), [0, 1], [0, 0]) is None
+    load_engine(Settings(model=str(tmp_path / "m"), device="cpu", native_decode="auto"))
+    assert compiled_gelu() is not None  # allowed again
+
+
+def test_a_cache_of_another_shape_is_not_taken() -> None:
+    model = odd_model(seed=17)
+    native = native_or_skip(model)
+    assert native.supports(KVCache(ODD, 2, 8))
+    other = GPTConfig(n_layer=3, n_head=3, n_embd=36, vocab_size=101, block_size=64)
+    assert not native.supports(KVCache(other, 2, 8))  # a layer more: the C code would overrun
+    wider = GPTConfig(n_layer=2, n_head=4, n_embd=48, vocab_size=101, block_size=64)
+    assert not native.supports(KVCache(wider, 2, 8))
+    with pytest.raises(ValueError, match="KV cache"):
+        native(KVCache(other, 2, 8), [1], [0], [0])

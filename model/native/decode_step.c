@@ -379,7 +379,7 @@ static inline float from_bf16(unsigned short h) {
 static inline unsigned short to_bf16(float f) {
     union { unsigned int u; float f; } c;
     c.f = f;
-    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((c.u >> 16) | 0x40); /* NaN */
+    if ((c.u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN: torch's quiet NaN */
     return (unsigned short)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
 }
 

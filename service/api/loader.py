@@ -22,6 +22,7 @@ from model.kernel_choice import (
 )
 from model.kv_cache import resolve_kv_cache_dtype
 from model.loading import load_model
+from model.native_decode import set_enabled as set_native_enabled
 from model.packed_linear import PACKABLE_DTYPES, pack_linears, packing_available
 from model.tokenizer import GPT2_ASSETS_DIR, Tokenizer
 from service.api.settings import Settings
@@ -155,6 +156,7 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
             pack_linears(model, settings.packed_min_rows)
         else:  # measured: the one-row layout and where oneDNN starts to win depend on the CPU
             use_fastest_float32_kernels(model, probe_rows)
+    set_native_enabled(settings.native_decode != "off")
     if (
         settings.native_decode != "off"
         and not settings.batch_invariant

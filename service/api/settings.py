@@ -65,10 +65,11 @@ class Settings(BaseSettings):
     )
     native_decode: Literal["auto", "on", "off"] = Field(
         default="auto",
-        description="CPU float32 (not int8, not batch-invariant): run decode steps of few rows "
-        "as one C function compiled for this CPU at start-up (needs a C compiler; cached). "
-        "auto: for the row counts where it is measured faster than torch; on: up to 16 rows, "
-        "unmeasured; off: torch only",
+        description="CPU float32 and int8 (not batch-invariant): run decode steps of few rows "
+        "as one C function compiled for this CPU at start-up (needs a C compiler; cached), and "
+        "batched steps' cache writes and int8 GELU through it. auto: the whole step for the row "
+        "counts where it is measured faster than torch; on: up to 16 rows, unmeasured; off: "
+        "torch only, nothing compiled",
     )
     fast_decode: bool = Field(
         default=False,

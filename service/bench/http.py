@@ -218,6 +218,10 @@ class ConnectionPool:
         while True:
             try:
                 raw = await reader.readuntil(b"\r\n\r\n")
+            except ConnectionResetError:  # reset: the same as closed, with or without bytes
+                if interim:
+                    raise ProtocolError("connection reset after an interim response") from None
+                raise _ClosedUnanswered("connection reset before a response") from None
             except asyncio.IncompleteReadError as error:
                 if error.partial:
                     raise ProtocolError("connection closed in a response's headers") from None
