@@ -25,6 +25,7 @@ reference this one is tested against (logits within 1e-4).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -33,6 +34,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -52,6 +54,7 @@ SOURCE = Path(__file__).parent / "native" / "decode_step.c"
 ABI = 2  # GPTSERVE_NATIVE_ABI in the source: the structs below match that version
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 BUILD_TIMEOUT_S = 120
+STALE_BUILD_S = 7 * 24 * 3600  # other builds untouched this long are removed after a build
 
 
 class NativeUnavailable(RuntimeError):
@@ -146,6 +149,8 @@ def build_library(compiler: str | None = None, folder: Path | None = None) -> Pa
     folder = folder or cache_dir() / "native"
     target = folder / f"decode_step-{key}.so"
     if target.is_file():
+        with contextlib.suppress(OSError):  # marks it as in use (see _remove_stale_builds)
+            os.utime(target)
         return target
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -164,7 +169,20 @@ def build_library(compiler: str | None = None, folder: Path | None = None) -> Pa
         detail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         raise NativeUnavailable(f"compiling the decode step failed: {' / '.join(detail)}")
     os.replace(partial, target)  # atomic: a concurrent start sees the whole file or none
+    _remove_stale_builds(out_dir, keep=target)
     return target
+
+
+def _remove_stale_builds(folder: Path, keep: Path) -> None:
+    """Remove the folder's other builds (older sources, other CPUs, other compilers) that no
+    start has used for STALE_BUILD_S; a found build is touched when it is used."""
+    cutoff = time.time() - STALE_BUILD_S
+    for old in folder.glob("decode_step-*.so"):
+        try:
+            if old != keep and old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:  # another process removed it, or the folder is shared read-only
+            continue
 
 
 def load_library() -> ctypes.CDLL:

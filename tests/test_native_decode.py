@@ -4,6 +4,8 @@ and the torch step wherever it cannot be built or does not apply."""
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -226,10 +228,27 @@ def test_the_library_is_built_once_and_then_found(tmp_path: Path) -> None:
         first = build_library(folder=tmp_path)
     except NativeUnavailable as exc:
         pytest.skip(str(exc))
-    built = first.stat().st_mtime_ns
+    built = first.stat().st_ino
     assert build_library(folder=tmp_path) == first
-    assert first.stat().st_mtime_ns == built  # not compiled again
+    assert first.stat().st_ino == built  # not compiled again (a build replaces the file)
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no partial files left
+
+
+def test_a_new_build_removes_builds_unused_for_a_week(tmp_path: Path) -> None:
+    try:
+        build_library(folder=tmp_path / "probe")
+    except NativeUnavailable as exc:
+        pytest.skip(str(exc))
+    stale, recent = tmp_path / "decode_step-0000000000000000.so", tmp_path / "decode_step-1.so"
+    for path, days in ((stale, 8), (recent, 6)):
+        path.write_bytes(b"an older build")
+        old = time.time() - days * 24 * 3600
+        os.utime(path, (old, old))
+    built = build_library(folder=tmp_path)
+    assert built.is_file() and recent.is_file() and not stale.exists()
+    os.utime(built, (0, 0))
+    assert build_library(folder=tmp_path) == built  # found, not built again: marked as used
+    assert built.stat().st_mtime > time.time() - 60
 
 
 def test_a_source_that_does_not_compile_says_why(
