@@ -182,47 +182,48 @@ static void layer_norm(const float *x, float *out, int rows, int width, const fl
 
 /* Column-major, one step of eight weight rows (input features i .. i + 7) for a group of R
  * rows (a constant where it is inlined, so the row loop unrolls), over the outputs
- * [o0, o0 + n): every weight is loaded once for all R rows. */
-static inline __attribute__((always_inline)) void column_step8(const float *w, int out,
-                                                               const float *x, int in, int R,
-                                                               float *partial, int o0, int n) {
-    float xs[4][8];
-    for (int r = 0; r < R; r++)
-        for (int k = 0; k < 8; k++) xs[r][k] = x[(size_t)r * in + k];
-#pragma omp simd
-    for (int o = 0; o < n; o++) {
-        const float w0 = w[o], w1 = w[out + o], w2 = w[2 * out + o], w3 = w[3 * out + o];
-        const float w4 = w[4 * out + o], w5 = w[5 * out + o], w6 = w[6 * out + o];
-        const float w7 = w[7 * out + o];
-        for (int r = 0; r < R; r++) {
-            const float *c = xs[r];
-            partial[(size_t)r * out + o0 + o] += c[0] * w0 + c[1] * w1 + c[2] * w2 + c[3] * w3 +
-                                                 c[4] * w4 + c[5] * w5 + c[6] * w6 + c[7] * w7;
-        }
+ * [o0, o0 + n): every weight is loaded once for all R rows. Defined for float32 weights and for
+ * int8 ones, each widened to float once for all R rows (the scale is applied to the sums, in
+ * linear_finish). */
+#define DEFINE_COLUMN_STEP8(NAME, T)                                                            \
+    static inline __attribute__((always_inline)) void NAME(const T *w, int out, const float *x, \
+                                                           int in, int R, float *partial,       \
+                                                           int o0, int n) {                     \
+        float xs[4][8];                                                                         \
+        for (int r = 0; r < R; r++)                                                             \
+            for (int k = 0; k < 8; k++) xs[r][k] = x[(size_t)r * in + k];                       \
+        _Pragma("omp simd") for (int o = 0; o < n; o++) {                                       \
+            const float w0 = w[o], w1 = w[out + o], w2 = w[2 * out + o], w3 = w[3 * out + o];   \
+            const float w4 = w[4 * out + o], w5 = w[5 * out + o], w6 = w[6 * out + o];          \
+            const float w7 = w[7 * out + o];                                                    \
+            for (int r = 0; r < R; r++) {                                                       \
+                const float *c = xs[r];                                                         \
+                partial[(size_t)r * out + o0 + o] += c[0] * w0 + c[1] * w1 + c[2] * w2 +        \
+                                                     c[3] * w3 + c[4] * w4 + c[5] * w5 +        \
+                                                     c[6] * w6 + c[7] * w7;                     \
+            }                                                                                   \
+        }                                                                                       \
     }
-}
 
-/* The same for int8 weights: each is widened to float once for all R rows (the scale is applied
- * to the sums, in linear_finish). */
-static inline __attribute__((always_inline)) void column_step8_int8(const signed char *w, int out,
-                                                                    const float *x, int in, int R,
-                                                                    float *partial, int o0,
-                                                                    int n) {
-    float xs[4][8];
-    for (int r = 0; r < R; r++)
-        for (int k = 0; k < 8; k++) xs[r][k] = x[(size_t)r * in + k];
-#pragma omp simd
-    for (int o = 0; o < n; o++) {
-        const float w0 = w[o], w1 = w[out + o], w2 = w[2 * out + o], w3 = w[3 * out + o];
-        const float w4 = w[4 * out + o], w5 = w[5 * out + o], w6 = w[6 * out + o];
-        const float w7 = w[7 * out + o];
-        for (int r = 0; r < R; r++) {
-            const float *c = xs[r];
-            partial[(size_t)r * out + o0 + o] += c[0] * w0 + c[1] * w1 + c[2] * w2 + c[3] * w3 +
-                                                 c[4] * w4 + c[5] * w5 + c[6] * w6 + c[7] * w7;
-        }
+DEFINE_COLUMN_STEP8(column_step8, float)
+DEFINE_COLUMN_STEP8(column_step8_int8, signed char)
+
+/* Steps of eight weight rows from i on, up to i1, through STEP over WEIGHTS (float32 or int8),
+ * for the rows in groups of up to four (each group size a constant for column_step8's unroll). */
+#define COLUMN_STEPS(STEP, WEIGHTS)                                                             \
+    for (; i + 8 <= i1; i += 8) {                                                               \
+        const __typeof__(*(WEIGHTS)) *w = (WEIGHTS) + (size_t)i * out + o0;                    \
+        for (int r0 = 0; r0 < rows; r0 += 4) {                                                  \
+            const float *xr = x + (size_t)r0 * in + i;                                          \
+            float *pr = partial + (size_t)r0 * out;                                             \
+            switch (rows - r0 < 4 ? rows - r0 : 4) {                                            \
+            case 1: STEP(w, out, xr, in, 1, pr, o0, n); break;                                  \
+            case 2: STEP(w, out, xr, in, 2, pr, o0, n); break;                                  \
+            case 3: STEP(w, out, xr, in, 3, pr, o0, n); break;                                  \
+            default: STEP(w, out, xr, in, 4, pr, o0, n); break;                                 \
+            }                                                                                   \
+        }                                                                                       \
     }
-}
 
 /* Column-major: this thread's band of input features [i0, i1), partial sums over it for every
  * output and row, in tiles of outputs small enough to stay in cache across the band. Each
@@ -236,32 +237,10 @@ static void column_band(const Linear *L, const float *x, int rows, float *partia
         const int n = o0 + tile <= out ? tile : out - o0;
         for (int r = 0; r < rows; r++) memset(partial + (size_t)r * out + o0, 0, sizeof(float) * n);
         int i = i0;
-        for (; L->qweight && i + 8 <= i1; i += 8) {
-            const signed char *w = L->qweight + (size_t)i * out + o0;
-            for (int r0 = 0; r0 < rows; r0 += 4) {
-                const float *xr = x + (size_t)r0 * in + i;
-                float *pr = partial + (size_t)r0 * out;
-                switch (rows - r0 < 4 ? rows - r0 : 4) {
-                case 1: column_step8_int8(w, out, xr, in, 1, pr, o0, n); break;
-                case 2: column_step8_int8(w, out, xr, in, 2, pr, o0, n); break;
-                case 3: column_step8_int8(w, out, xr, in, 3, pr, o0, n); break;
-                default: column_step8_int8(w, out, xr, in, 4, pr, o0, n); break;
-                }
-            }
-        }
-        for (; !L->qweight && i + 8 <= i1; i += 8) {
-            const float *w = L->weight + (size_t)i * out + o0;
-            for (int r0 = 0; r0 < rows; r0 += 4) {
-                const float *xr = x + (size_t)r0 * in + i;
-                float *pr = partial + (size_t)r0 * out;
-                switch (rows - r0 < 4 ? rows - r0 : 4) {
-                case 1: column_step8(w, out, xr, in, 1, pr, o0, n); break;
-                case 2: column_step8(w, out, xr, in, 2, pr, o0, n); break;
-                case 3: column_step8(w, out, xr, in, 3, pr, o0, n); break;
-                default: column_step8(w, out, xr, in, 4, pr, o0, n); break;
-                }
-            }
-        }
+        if (L->qweight)
+            COLUMN_STEPS(column_step8_int8, L->qweight)
+        else
+            COLUMN_STEPS(column_step8, L->weight)
         for (; i < i1; i++) {
             for (int r = 0; r < rows; r++) {
                 const float c = x[(size_t)r * in + i];
@@ -417,6 +396,20 @@ static inline unsigned short to_bf16(float f) {
 DEFINE_ATTEND(attend_f32, float, AS_FLOAT)
 DEFINE_ATTEND(attend_bf16, unsigned short, from_bf16)
 
+/* Row r's key and value for head h, from qkv (rows, 3C), into the cache at `at` (float32, or
+ * bfloat16 rounded to nearest even). */
+static void store_key_value(const float *qkv, void *k_cache, void *v_cache, int kv_bf16,
+                            size_t at, int C, int D, int r, int h) {
+    const float *key = qkv + (size_t)r * 3 * C + C + h * D, *value = key + C;
+    if (kv_bf16) {
+        unsigned short *k = (unsigned short *)k_cache + at, *v = (unsigned short *)v_cache + at;
+        for (int d = 0; d < D; d++) k[d] = to_bf16(key[d]), v[d] = to_bf16(value[d]);
+    } else {
+        memcpy((float *)k_cache + at, key, sizeof(float) * D);
+        memcpy((float *)v_cache + at, value, sizeof(float) * D);
+    }
+}
+
 static float *aligned(float *p) { return (float *)(((size_t)p + 63) & ~(size_t)63); }
 
 /*
@@ -475,15 +468,7 @@ int gptserve_decode(const Model *m, void *k_cache, void *v_cache, int kv_bf16, i
                 const int r = item / H, h = item % H;
                 const size_t at = layer_at + (size_t)slots[r] * H * head_stride + h * head_stride +
                                   (size_t)positions[r] * D;
-                const float *key = qkv + (size_t)r * 3 * C + C + h * D, *value = key + C;
-                if (kv_bf16) {
-                    unsigned short *k = (unsigned short *)k_cache + at;
-                    unsigned short *v = (unsigned short *)v_cache + at;
-                    for (int d = 0; d < D; d++) k[d] = to_bf16(key[d]), v[d] = to_bf16(value[d]);
-                } else {
-                    memcpy((float *)k_cache + at, key, sizeof(float) * D);
-                    memcpy((float *)v_cache + at, value, sizeof(float) * D);
-                }
+                store_key_value(qkv, k_cache, v_cache, kv_bf16, at, C, D, r, h);
             }
 #pragma omp for schedule(static)
             for (int item = 0; item < rows * H; item++) {
@@ -534,15 +519,7 @@ int gptserve_store_kv(const float *qkv, void *k_cache, void *v_cache, int kv_bf1
         for (int h = 0; h < H; h++) {
             const size_t at = layer_at + (size_t)slots[r] * H * head_stride + h * head_stride +
                               (size_t)positions[r] * D;
-            const float *key = qkv + (size_t)r * 3 * C + C + h * D, *value = key + C;
-            if (kv_bf16) {
-                unsigned short *k = (unsigned short *)k_cache + at;
-                unsigned short *v = (unsigned short *)v_cache + at;
-                for (int d = 0; d < D; d++) k[d] = to_bf16(key[d]), v[d] = to_bf16(value[d]);
-            } else {
-                memcpy((float *)k_cache + at, key, sizeof(float) * D);
-                memcpy((float *)v_cache + at, value, sizeof(float) * D);
-            }
+            store_key_value(qkv, k_cache, v_cache, kv_bf16, at, C, D, r, h);
         }
     }
     return 0;
