@@ -34,7 +34,7 @@ from torch import nn
 from model.batch_invariant import InvariantAttention
 from model.gpt2 import GPT
 from model.kv_cache import KVCache
-from model.native_decode import KVStore, NativeRoute, compiled_gelu, route_of
+from model.native_decode import KVStore, NativeDecode, NativeRoute, compiled_gelu, route_of
 from model.quantize import direct_forward
 
 
@@ -99,9 +99,12 @@ class DecodeStep:
         # (the same bytes as torch's indexed assignment, less per-call work).
         self.compiled_writes = on_cpu and model.dtype == torch.float32
 
-    def _native_takes(self, cache: KVCache, rows: int) -> bool:
+    def _native_for(self, cache: KVCache, rows: int) -> NativeDecode | None:
+        """The compiled step, where it takes a step of `rows` rows over `cache`."""
         native = self.native
-        return native is not None and rows <= native.max_rows and native.step.supports(cache)
+        if native is not None and rows <= native.max_rows and native.step.supports(cache):
+            return native.step
+        return None
 
     def __call__(
         self,
@@ -122,8 +125,9 @@ class DecodeStep:
         prompts.
         """
         count = len(token_ids)
-        if self.native is not None and self._native_takes(cache, count):
-            return self.native.step(cache, token_ids, slots, positions)  # shared: not needed
+        compiled = self._native_for(cache, count)
+        if compiled is not None:
+            return compiled(cache, token_ids, slots, positions)  # shared: not needed
         device = self.wte.device
         config = self.model.config
         width, num_heads, head_dim = config.n_embd, config.n_head, config.head_dim
@@ -195,9 +199,11 @@ class DecodeStep:
         guesses through the model's cached forward."""
         assert not self.invariant, "batch-invariant guesses go through forward_cached"
         count = len(token_ids)
-        if self.native is not None and self._native_takes(cache, count):
-            where_at = list(range(position, position + count))
-            return self.native.step(cache, token_ids, [slot] * count, where_at)
+        compiled = self._native_for(cache, count)
+        if compiled is not None:
+            return compiled(
+                cache, token_ids, [slot] * count, list(range(position, position + count))
+            )
         device = self.wte.device
         config = self.model.config
         width, num_heads, head_dim = config.n_embd, config.n_head, config.head_dim

@@ -217,12 +217,8 @@ def choose_native_decode(
             timings[rows] = (torch_ms, native_ms)
             if native_ms >= torch_ms:  # the torch step's kernels take over from here
                 break
-    wins = [rows for rows, (torch_ms, native_ms) in timings.items() if native_ms < torch_ms]
-    top = 0
-    for rows in counts:  # the largest count up to which the compiled step wins at every count
-        if rows not in wins:
-            break
-        top = rows
+    # The probe stops at the first loss, so the compiled step won at every count before it.
+    top = max((rows for rows, (t, n) in timings.items() if n < t), default=0)
     measured = ", ".join(f"{r}: {t:.1f}/{n:.1f}" for r, (t, n) in timings.items())
     if top == 0:
         logger.info("decode step: torch (ms torch/compiled by rows: %s)", measured)

@@ -298,6 +298,15 @@ def cache_layout_ok(cache: KVCache) -> bool:
     )
 
 
+def _check_rows(cache: KVCache, slots: Sequence[int], positions: Sequence[int]) -> None:
+    """Refuse a slot or position outside the cache before the C code writes there."""
+    for slot, position in zip(slots, positions, strict=True):
+        if not 0 <= slot < cache.num_slots:
+            raise ValueError(f"slot {slot} out of range, outside the cache's {cache.num_slots}")
+        if not 0 <= position < cache.max_seq_len:
+            raise ValueError(f"position {position} outside the cache's {cache.max_seq_len}")
+
+
 def weights_signature(model: nn.Module) -> tuple[object, ...]:
     """Where every weight of `model` lives and how it is laid out (int8 layers: their packed
     weights' object); any change of weights, layout or quantization changes it."""
@@ -451,12 +460,10 @@ class NativeDecode:
             raise ValueError(
                 "the native decode step needs a contiguous float32 or bfloat16 CPU KV cache"
             )
+        if not all(0 <= token < self.vocab_size for token in token_ids):
+            raise ValueError(f"a token id out of range: {list(token_ids)}")
+        _check_rows(cache, slots, positions)
         num_slots, max_len = cache.num_slots, cache.max_seq_len
-        for token, slot, position in zip(token_ids, slots, positions, strict=True):
-            if not (0 <= token < self.vocab_size and 0 <= slot < num_slots):
-                raise ValueError(f"token {token} or slot {slot} out of range")
-            if not 0 <= position < max_len:
-                raise ValueError(f"position {position} outside the cache's {max_len}")
         int_array = ctypes.c_int * rows
         threads = max(1, torch.get_num_threads())
         logits = torch.empty(rows, self.vocab_size)
@@ -513,9 +520,7 @@ class KVStore:
         rows = len(slots)
         if not rows or len(positions) != rows:
             raise ValueError("slots and positions must be non-empty and of the same length")
-        for slot, position in zip(slots, positions, strict=True):
-            if not (0 <= slot < cache.num_slots and 0 <= position < cache.max_seq_len):
-                raise ValueError(f"slot {slot} or position {position} outside the cache")
+        _check_rows(cache, slots, positions)
         self.lib, self.cache, self.rows = lib, cache, rows
         self.n_layer, _, self.n_head, _, self.head_dim = cache.k.shape
         self._slots = (ctypes.c_int * rows)(*slots)
