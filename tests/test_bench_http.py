@@ -19,8 +19,6 @@ from service.bench.http import (
     ConnectionPool,
     HttpError,
     ProtocolError,
-    rest_of_lines,
-    split_lines,
 )
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -89,12 +87,8 @@ def _chunked(*pieces: bytes) -> bytes:
 
 
 async def _get_lines(pool: ConnectionPool, url: str) -> tuple[int, list[str], bool]:
-    lines: list[str] = []
-    pending = bytearray()
     async with pool.request("POST", url, {"Content-Type": "application/json"}, b"{}") as response:
-        async for chunk in response.iter_chunks():
-            lines += split_lines(pending, chunk)
-        lines += rest_of_lines(pending)
+        lines = [line async for line in response.iter_lines()]
         return response.status, lines, response.reusable
 
 

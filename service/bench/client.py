@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.bench.config import BenchConfig, BenchError
-from service.bench.http import ConnectionPool, HttpError, rest_of_lines, split_lines
+from service.bench.http import ConnectionPool, HttpError
 from service.bench.sse import DONE, SseDecoder
 
 MAX_ERROR_CHARS = 300
@@ -155,20 +155,14 @@ async def _stream(
                 f": {describe_error_body(text)}"
             )
         decoder = SseDecoder()
-        pending = bytearray()
-        chunks = response.iter_chunks()
-        async for chunk in chunks:
-            for line in split_lines(pending, chunk):
-                event = decoder.feed(line)
-                if event is not None and result.handle_event(event):
-                    result.end = time.perf_counter()
-                    # Read on to the body's end, so that the connection can be kept.
-                    with contextlib.suppress(HttpError, asyncio.TimeoutError):
-                        await asyncio.wait_for(_drain(chunks), DRAIN_SECONDS)
-                    return
-        for line in rest_of_lines(pending):
+        lines = response.iter_lines()
+        async for line in lines:
             event = decoder.feed(line)
             if event is not None and result.handle_event(event):
+                result.end = time.perf_counter()
+                # Read on to the body's end, so that the connection can be kept.
+                with contextlib.suppress(HttpError, asyncio.TimeoutError):
+                    await asyncio.wait_for(_drain(lines), DRAIN_SECONDS)
                 return
         event = decoder.flush()
         if event is not None and result.handle_event(event):
@@ -178,8 +172,8 @@ async def _stream(
         raise RequestFailed("stream ended before 'data: [DONE]' and without a finish_reason")
 
 
-async def _drain(chunks: AsyncIterator[bytes]) -> None:
-    async for _ in chunks:
+async def _drain(rest: AsyncIterator[object]) -> None:
+    async for _ in rest:
         pass
 
 

@@ -66,6 +66,16 @@ class Response:
         """Whether the connection may carry another request."""
         return self.is_complete and self._keep_alive
 
+    async def iter_lines(self) -> AsyncIterator[str]:
+        """The body's lines as they complete (see split_lines), and a last one without a line
+        ending."""
+        pending = bytearray()
+        async for chunk in self.iter_chunks():
+            for line in split_lines(pending, chunk):
+                yield line
+        for line in rest_of_lines(pending):
+            yield line
+
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """The body's bytes as they arrive (chunked framing removed)."""
         reader = self._reader
