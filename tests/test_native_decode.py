@@ -175,10 +175,14 @@ def test_a_float16_cache_goes_to_torch() -> None:
     attach_route(model, NativeRoute(NativeDecode(model), max_rows=16))
     step = DecodeStep(model)
     cache = KVCache(ODD, 1, ODD.block_size, dtype=torch.float16)
+    plain_cache = KVCache(ODD, 1, ODD.block_size, dtype=torch.float16)
     assert step.native is not None and not step.native.step.supports(cache)
+    plain = DecodeStep(model)
+    plain.native = None
     with torch.inference_mode():
-        logits = step(cache, [3], [0], [0])  # the torch step, in the cache's dtype
-    assert torch.isfinite(logits).all()
+        logits = step(cache, [3], [0], [0])
+        expected = plain(plain_cache, [3], [0], [0])  # the torch step, in the cache's dtype
+    assert torch.equal(logits, expected) and torch.equal(cache.k, plain_cache.k)
 
 
 def test_bad_calls_are_refused_before_the_c_code_runs() -> None:
