@@ -14,6 +14,9 @@ here unchanged; a batch-invariant model's rows attend per query exactly as its p
 Where the start-up measured it faster (model.kernel_choice.choose_native_decode), steps of few
 rows go to the same step compiled for the CPU (model.native_decode), one C function instead of a
 call per op; this class stays the reference it is tested against, and takes every other step.
+Its batched steps may likewise write their keys and values, and attend, through that library
+(each row over only its own keys, where torch's batched attention reads every row's up to the
+longest row's under a mask).
 
 Rows that share a long prompt prefix (n choices of one prompt, a few-shot header, a system
 prompt) can attend over that prefix together: its keys and values are read once, from one of
@@ -98,6 +101,8 @@ class DecodeStep:
         # Batched steps write their keys and values through the compiled library where it loads
         # (the same bytes as torch's indexed assignment, less per-call work).
         self.compiled_writes = on_cpu and model.dtype == torch.float32
+        # ... and attend through it, where the start-up measured that faster
+        self.compiled_attention = self.native is not None and self.native.attention
 
     def _native_for(self, cache: KVCache, rows: int) -> NativeDecode | None:
         """The compiled step, where it takes a step of `rows` rows over `cache`."""
@@ -120,7 +125,8 @@ class DecodeStep:
         forward_cached. The rows of each `shared` group read their common prefix's keys and
         values once (see SharedPrefix); the logits agree with those without it to float rounding
         (with a 16-bit cache, to its rounding: grouped rows attend in the model's dtype over the
-        widened keys, the others in the cache's dtype). A batch-invariant model ignores
+        widened keys, the others in the cache's dtype, or in float32 where the attention is
+        compiled, see KVStore). A batch-invariant model ignores
         `shared`: its rows attend per query, each over its own slot, for the same bits as its
         prompts.
         """
@@ -149,8 +155,8 @@ class DecodeStep:
                 store = KVStore.for_step(cache, slots, positions)
             if shared and per_query is None:
                 plan = _SharedPlan(slots, positions, shared, device)
-            elif per_query is None:
-                read, context, mask = _key_window(slots, positions, 0, device)
+            elif per_query is None and not (store is not None and self.compiled_attention):
+                read, context, mask = key_window(slots, positions, 0, device)
         for index, layer in enumerate(self.layers):
             hidden = F.layer_norm(x, (width,), *layer.ln_1)
             qkv = layer.qkv(hidden).view(count, 3, num_heads, head_dim)
@@ -174,6 +180,8 @@ class DecodeStep:
                 )  # (1, nh, 1, hs)
             elif plan is not None:
                 attended = plan.attend(query, k_cache, v_cache)  # (B, nh, hs)
+            elif store is not None and self.compiled_attention:
+                attended = store.attend(qkv.view(count, -1), index)  # (B, C)
             else:
                 attended = F.scaled_dot_product_attention(
                     query.unsqueeze(2).to(kv_dtype),
@@ -256,7 +264,7 @@ def _up_projection(
     return up
 
 
-def _key_window(
+def key_window(
     slots: list[int], positions: list[int], start: int, device: torch.device
 ) -> tuple[slice | torch.Tensor, int, torch.Tensor]:
     """Rows' keys in [start, end): how to read their slots (a view when they are consecutive,
@@ -303,8 +311,8 @@ class _SharedPlan:
         start: int,
         device: torch.device,
     ) -> tuple[torch.Tensor, slice | torch.Tensor, int, torch.Tensor]:
-        """Rows' index, then their key window from `start` (see _key_window)."""
-        window = _key_window([slots[r] for r in rows], [positions[r] for r in rows], start, device)
+        """Rows' index, then their key window from `start` (see key_window)."""
+        window = key_window([slots[r] for r in rows], [positions[r] for r in rows], start, device)
         return (torch.tensor(rows, device=device), *window)
 
     def attend(

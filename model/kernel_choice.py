@@ -21,17 +21,24 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.decode import DecodeStep
+from model.config import GPTConfig
+from model.decode import DecodeStep, key_window
 from model.gpt2 import GPT
 from model.kv_cache import KVCache
-from model.native_decode import NativeDecode, NativeRoute, NativeUnavailable, attach_route
+from model.native_decode import (
+    KVStore,
+    NativeDecode,
+    NativeRoute,
+    NativeUnavailable,
+    attach_route,
+)
 from model.packed_linear import PACK_BATCH_HINT, pack_linears, packing_available
 from model.quantize import quantize_int8, route_int8_rows
 from model.weight_layout import linear_layers, linear_weights, set_column_major
@@ -186,8 +193,9 @@ def choose_native_decode(
     """Time the compiled decode step (model.native_decode) against the torch one on this
     model's weights, as they are now laid out, packed or quantized, over a KV cache of the
     serving dtype, at a few row counts; attach it to the model for the row counts up to the
-    largest from which down it wins at every count probed.
-    `force` attaches it for every row count it takes, unmeasured. Returns the route, or None
+    largest from which down it wins at every count probed. Time the compiled attention of the
+    batched steps (`time_batched_attention`) too, and take it where it wins.
+    `force` attaches both for every row count they take, unmeasured. Returns the route, or None
     (the torch step for every row count: the step cannot be built here, or never wins)."""
     attach_route(model, None)
     try:
@@ -195,19 +203,24 @@ def choose_native_decode(
     except NativeUnavailable as exc:
         logger.info("decode step: torch (the compiled one is unavailable: %s)", exc)
         return None
+    config = model.config
+    length = min(config.block_size, NATIVE_PROBE_POSITION + 1)
+    if not native.supports(KVCache(config, 1, length, dtype=kv_cache_dtype)):
+        logger.info("decode step: torch (the compiled one has no %s KV cache)", kv_cache_dtype)
+        return None
     if force:
-        route = NativeRoute(native, native.max_rows)
+        route = NativeRoute(native, native.max_rows, attention=True)
         attach_route(model, route)
         logger.info("decode step: %s (forced)", route.describe())
         return route
+    attention = None
+    if max_rows > 1:
+        attention = time_batched_attention(config, min(max_rows, KV_PROBE_ROWS), kv_cache_dtype)
+    attend = attention is not None and attention[1] < attention[0]
     counts = [r for r in NATIVE_ROW_COUNTS if r <= min(max(1, max_rows), native.max_rows)]
-    config = model.config
-    length = min(config.block_size, NATIVE_PROBE_POSITION + 1)
     cache = KVCache(config, counts[-1], length, dtype=kv_cache_dtype)
-    if not native.supports(cache):
-        logger.info("decode step: torch (the compiled one has no %s KV cache)", kv_cache_dtype)
-        return None
     reference = DecodeStep(model)  # no route attached: the torch step
+    reference.compiled_attention = attend  # as its batched steps will run
     timings: dict[int, tuple[float, float]] = {}
     with torch.inference_mode():
         for rows in counts:
@@ -217,16 +230,61 @@ def choose_native_decode(
             timings[rows] = (torch_ms, native_ms)
             if native_ms >= torch_ms:  # the torch step's kernels take over from here
                 break
+    del cache
     # The probe stops at the first loss, so the compiled step won at every count before it.
     top = max((rows for rows, (t, n) in timings.items() if n < t), default=0)
     measured = ", ".join(f"{r}: {t:.1f}/{n:.1f}" for r, (t, n) in timings.items())
-    if top == 0:
+    if attention is not None:
+        measured += f"; {attention[0]:.1f}/{attention[1]:.1f} for a batched step's attention"
+    if top == 0 and not attend:
         logger.info("decode step: torch (ms torch/compiled by rows: %s)", measured)
         return None
-    route = NativeRoute(native, top, timings)
+    route = NativeRoute(native, top, timings, attention=attend, attention_timings=attention)
     attach_route(model, route)
     logger.info("decode step: %s (ms torch/compiled by rows: %s)", route.describe(), measured)
     return route
+
+
+ATTENTION_PROBE_KEYS = 128  # a decode step's context in the probe
+
+
+def time_batched_attention(
+    config: GPTConfig, rows: int, kv_cache_dtype: torch.dtype
+) -> tuple[float, float]:
+    """Milliseconds of a batched decode step's attention over KV_PROBE_LAYERS layers, `rows`
+    rows at slightly different positions (as in a batch), through torch (as model.decode runs
+    it: scaled_dot_product_attention over the longest row's keys, masked) and compiled
+    (KVStore.attend: each row over its own keys)."""
+    keys = min(config.block_size, ATTENTION_PROBE_KEYS)
+    cache = KVCache(replace(config, n_layer=KV_PROBE_LAYERS), rows, keys, dtype=kv_cache_dtype)
+    generator = torch.Generator().manual_seed(0)
+    for tensor in (cache.k, cache.v):
+        tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    slots = list(range(rows))
+    positions = [keys - 1 - row % 8 for row in slots]
+    qkv = torch.randn(rows, 3 * config.n_embd, generator=generator)
+    query = qkv[:, : config.n_embd].reshape(rows, config.n_head, 1, config.head_dim)
+    query = query.to(kv_cache_dtype)
+    store = KVStore.for_step(cache, slots, positions)
+    if store is None:
+        raise NativeUnavailable("the compiled attention does not take this cache")
+    read, context, mask = key_window(slots, positions, 0, torch.device("cpu"))
+
+    def torch_attention() -> None:
+        for layer in range(KV_PROBE_LAYERS):
+            F.scaled_dot_product_attention(
+                query,
+                cache.k[layer][read, :, :context],
+                cache.v[layer][read, :, :context],
+                attn_mask=mask,
+            )
+
+    def compiled_attention() -> None:
+        for layer in range(KV_PROBE_LAYERS):
+            store.attend(qkv, layer)
+
+    with torch.inference_mode():
+        return _best_time(torch_attention), _best_time(compiled_attention)
 
 
 @dataclass

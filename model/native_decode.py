@@ -265,6 +265,17 @@ def _load() -> ctypes.CDLL:
             ctypes.POINTER(ctypes.c_int),
         ]
     )
+    lib.gptserve_attend.restype = ctypes.c_int
+    lib.gptserve_attend.argtypes = (
+        [ctypes.c_void_p] * 3
+        + [ctypes.c_int] * 7
+        + [
+            ctypes.POINTER(ctypes.c_int),
+            ctypes.POINTER(ctypes.c_int),
+            ctypes.c_void_p,
+            ctypes.c_int,
+        ]
+    )
     lib.gptserve_gelu.restype = None
     lib.gptserve_gelu.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
     logger.debug("native decode step loaded from %s", path)
@@ -510,9 +521,19 @@ def compiled_gelu() -> Callable[[torch.Tensor], torch.Tensor] | None:
 
 
 class KVStore:
-    """One decode step's key and value writes, compiled: for steps whose layers run on torch's
-    kernels, where an indexed assignment per layer and tensor costs ~80 us of indexing work
-    (~2 ms of a 32-row int8 step) to move a few kilobytes. The same bytes land in the cache."""
+    """One decode step's key and value writes, and optionally its attention, compiled: for
+    steps whose layers run on torch's kernels.
+
+    Writes: an indexed assignment per layer and tensor costs ~80 us of indexing work (~2 ms of
+    a 32-row int8 step) to move a few kilobytes; here the same bytes land in the cache.
+
+    Attention (`attend`): each row reads only its own slot's keys up to its position, where a
+    batched scaled_dot_product_attention reads every row's keys up to the longest row's
+    position under a mask. Scores and sums are float32 over the cache's values (a bfloat16
+    cache's widened exactly), within float rounding of torch's float32 attention; torch's over a
+    bfloat16 cache rounds the queries to bfloat16 too. On the Xeon this project is measured on,
+    it takes about half of torch's time over a bfloat16 cache and two thirds over float32; the
+    start-up measures it (model.kernel_choice.choose_native_decode)."""
 
     def __init__(
         self, lib: ctypes.CDLL, cache: KVCache, slots: Sequence[int], positions: Sequence[int]
@@ -539,13 +560,16 @@ class KVStore:
             return None
         return cls(lib, cache, slots, positions)
 
-    def __call__(self, qkv: torch.Tensor, layer: int) -> None:
-        """Store the keys and values of `qkv` (rows, 3C), float32, in layer `layer`."""
+    def _check(self, qkv: torch.Tensor, layer: int) -> None:
         width = 3 * self.n_head * self.head_dim
         if qkv.shape != (self.rows, width) or qkv.dtype != torch.float32:
             raise ValueError(f"qkv must be ({self.rows}, {width}) float32, got {qkv.shape}")
         if not 0 <= layer < self.n_layer:
             raise ValueError(f"layer {layer} outside the cache's {self.n_layer}")
+
+    def __call__(self, qkv: torch.Tensor, layer: int) -> None:
+        """Store the keys and values of `qkv` (rows, 3C), float32, in layer `layer`."""
+        self._check(qkv, layer)
         qkv = qkv.contiguous()
         cache = self.cache
         self.lib.gptserve_store_kv(
@@ -563,18 +587,51 @@ class KVStore:
             self._positions,
         )
 
+    def attend(self, qkv: torch.Tensor, layer: int) -> torch.Tensor:
+        """Each row's attention in layer `layer` over its own slot up to its position (keys and
+        values stored), from the queries in `qkv` (rows, 3C): (rows, C) float32."""
+        self._check(qkv, layer)
+        qkv = qkv.contiguous()
+        out = torch.empty(self.rows, self.n_head * self.head_dim)
+        cache = self.cache
+        self.lib.gptserve_attend(
+            qkv.data_ptr(),
+            cache.k.data_ptr(),
+            cache.v.data_ptr(),
+            int(cache.k.dtype == torch.bfloat16),
+            layer,
+            cache.num_slots,
+            cache.max_seq_len,
+            self.n_head,
+            self.head_dim,
+            self.rows,
+            self._slots,
+            self._positions,
+            out.data_ptr(),
+            max(1, torch.get_num_threads()),
+        )
+        return out
+
 
 @dataclass(frozen=True)
 class NativeRoute:
-    """Decode steps of up to `max_rows` rows run on the compiled step; larger ones on torch."""
+    """Decode steps of up to `max_rows` rows (0: none) run on the compiled step; larger ones on
+    torch, with the compiled attention (KVStore.attend) where `attention`."""
 
     step: NativeDecode
     max_rows: int
     timings: dict[int, tuple[float, float]] = field(default_factory=dict)  # rows: (torch, native)
+    attention: bool = False
+    attention_timings: tuple[float, float] | None = None  # ms: (torch, compiled)
 
     def describe(self) -> str:
         """One phrase for the start-up line."""
-        return f"compiled for this CPU up to {self.max_rows} rows, torch beyond"
+        steps = (
+            f"compiled for this CPU up to {self.max_rows} rows, torch beyond"
+            if self.max_rows
+            else "torch"
+        )
+        return f"{steps}, batched attention compiled" if self.attention else steps
 
 
 _ROUTE = "native_decode_route"

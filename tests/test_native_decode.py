@@ -290,6 +290,7 @@ def test_start_up_choice_falls_back_to_torch_without_the_compiled_step(
         assert choose_native_decode(model, max_rows=8) is None
     assert "decode step: torch (the compiled one is unavailable: no C compiler" in caplog.text
     assert route_of(model) is None and DecodeStep(model).native is None
+    assert not DecodeStep(model).compiled_attention
 
 
 def test_start_up_choice_is_measured_and_takes_the_winning_row_counts() -> None:
@@ -304,8 +305,11 @@ def test_start_up_choice_is_measured_and_takes_the_winning_row_counts() -> None:
     assert route_of(model) is route
     assert set(route.timings) <= {1, 2, 3, 4} and 1 in route.timings
     wins = [r for r, (torch_ms, native_ms) in route.timings.items() if native_ms < torch_ms]
+    if not wins:  # only the batched attention won
+        assert route.max_rows == 0 and route.attention
+        return
     assert route.max_rows in wins and all(r in wins for r in route.timings if r <= route.max_rows)
-    assert route.describe() == f"compiled for this CPU up to {route.max_rows} rows, torch beyond"
+    assert route.describe().startswith(f"compiled for this CPU up to {route.max_rows} rows")
 
 
 def test_forced_takes_every_row_count_it_can() -> None:
@@ -340,7 +344,9 @@ def test_served_tokens_are_those_of_the_torch_step(tmp_path: Path, mode: str) ->
     tokens, logprobs, step = serve_tokens(base.model_copy(update={"native_decode": mode}), prompt)
     assert off_step == "torch"
     if mode == "on":
-        assert step == "compiled for this CPU up to 16 rows, torch beyond"
+        assert (
+            step == "compiled for this CPU up to 16 rows, torch beyond, batched attention compiled"
+        )
     assert tokens == off_tokens and len(tokens) == 12
     torch.testing.assert_close(
         torch.tensor(logprobs), torch.tensor(off_logprobs), rtol=0, atol=1e-4
@@ -515,3 +521,97 @@ def test_a_cache_of_another_shape_is_not_taken() -> None:
     assert not native.supports(KVCache(wider, 2, 8))
     with pytest.raises(ValueError, match="KV cache"):
         native(KVCache(other, 2, 8), [1], [0], [0])
+
+
+# Head sizes of the compiled attention's vector cases (64 as in every GPT-2, 32) and of its
+# plain loop (ODD's 12).
+WIDE = GPTConfig(n_layer=2, n_head=2, n_embd=128, vocab_size=101, block_size=96)
+NARROW = GPTConfig(n_layer=2, n_head=3, n_embd=96, vocab_size=101, block_size=96)
+
+
+def float32_attention(qkv: torch.Tensor, cache: KVCache, layer: int, slots, positions):  # type: ignore[no-untyped-def]
+    """Each row's attention over its own slot's first positions[r] + 1 keys, in float64 over
+    the cache's values as stored (a bfloat16 cache's widened), as (rows, C)."""
+    config_heads, head_dim = cache.k.shape[2], cache.k.shape[4]
+    rows = []
+    for row, (slot, position) in enumerate(zip(slots, positions, strict=True)):
+        query = qkv[row, : config_heads * head_dim].double().view(config_heads, 1, head_dim)
+        keys = cache.k[layer, slot, :, : position + 1].double()
+        values = cache.v[layer, slot, :, : position + 1].double()
+        weights = torch.softmax(query @ keys.mT / head_dim**0.5, dim=-1)
+        rows.append((weights @ values).reshape(-1))
+    return torch.stack(rows).float()
+
+
+@pytest.mark.parametrize("config", [WIDE, NARROW, ODD], ids=["head64", "head32", "head12"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_attention_is_each_rows_attention_over_its_own_keys(
+    config: GPTConfig, dtype: torch.dtype
+) -> None:
+    model = make_model(config, seed=15)
+    native_or_skip(model)
+    generator = torch.Generator().manual_seed(15)
+    cache = KVCache(config, 5, config.block_size, dtype=dtype)
+    for tensor in (cache.k, cache.v):  # keys far apart, so the softmax is not near uniform
+        tensor.copy_(3 * torch.randn(tensor.shape, generator=generator))
+    # lengths below, at and across the 16-key blocks, rows in slots out of order
+    slots, positions = [4, 0, 2, 1, 3], [0, 15, 16, 37, config.block_size - 1]
+    store = KVStore.for_step(cache, slots, positions)
+    assert store is not None
+    qkv = torch.randn(len(slots), 3 * config.n_embd, generator=generator)
+    for layer in range(config.n_layer):
+        got = store.attend(qkv, layer)
+        want = float32_attention(qkv, cache, layer, slots, positions)
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    with pytest.raises(ValueError, match="layer 2 outside"):
+        store.attend(qkv, 2)
+    with pytest.raises(ValueError, match="float32"):
+        store.attend(qkv.double(), 0)
+
+
+@pytest.mark.parametrize("config", [WIDE, ODD], ids=["head64", "head12"])
+def test_batched_steps_with_compiled_attention_give_the_torch_steps_logits(
+    config: GPTConfig,
+) -> None:
+    model = make_model(config, seed=16)
+    native_or_skip(model)
+    prompts = [list(range(1, 40)), [5, 6], list(range(10, 27)), list(range(50, 66))]
+    ours, theirs = prefilled(model, prompts, slots=5), prefilled(model, prompts, slots=5)
+    compiled, reference = DecodeStep(model), DecodeStep(model)
+    compiled.compiled_attention, reference.compiled_attention = True, False
+    rows, positions = [2, 0, 1, 3], [len(prompts[r]) for r in (2, 0, 1, 3)]
+    with torch.inference_mode():
+        for extra in range(3):  # a few steps: each reads the keys the last one wrote
+            where = [p + extra for p in positions]
+            got = compiled(ours, [7, 8, 9, 10], rows, where)
+            expected = reference(theirs, [7, 8, 9, 10], rows, where)
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.k, theirs.k, rtol=0, atol=1e-5)
+
+
+def test_start_up_choice_times_the_batched_attention() -> None:
+    model = make_model(WIDE, seed=17)
+    native_or_skip(model)
+    route = choose_native_decode(model, max_rows=4)
+    step = DecodeStep(model)
+    if route is None:  # neither the step nor the attention won on this machine
+        assert not step.compiled_attention
+        return
+    assert route.attention_timings is not None
+    torch_ms, compiled_ms = route.attention_timings
+    assert route.attention == (compiled_ms < torch_ms) == step.compiled_attention
+    assert route.describe().endswith("batched attention compiled") == route.attention
+    one_row = choose_native_decode(model, max_rows=1)  # no batched steps: not timed
+    assert one_row is None or one_row.attention_timings is None
+
+
+def test_a_route_names_what_it_compiles() -> None:
+    model = odd_model(seed=18)
+    native = native_or_skip(model)
+    assert NativeRoute(native, 0, attention=True).describe() == "torch, batched attention compiled"
+    assert NativeRoute(native, 4).describe() == "compiled for this CPU up to 4 rows, torch beyond"
+    assert NativeRoute(native, 4, attention=True).describe() == (
+        "compiled for this CPU up to 4 rows, torch beyond, batched attention compiled"
+    )
+    forced = choose_native_decode(model, max_rows=32, force=True)
+    assert forced is not None and forced.attention and DecodeStep(model).compiled_attention

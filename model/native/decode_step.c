@@ -396,6 +396,151 @@ static inline unsigned short to_bf16(float f) {
 DEFINE_ATTEND(attend_f32, float, AS_FLOAT)
 DEFINE_ATTEND(attend_bf16, unsigned short, from_bf16)
 
+/* The same attention for batched steps, 16 floats at a time, for head sizes that are a multiple
+ * of 16 (float32 cache) or 32 (bfloat16), up to 128. A row and head's keys (~100 at a time) are
+ * a short stream, so keys are scored sixteen at a time (independent sums, reduced together):
+ * memory, not arithmetic, then sets the pace.
+ *
+ * A bfloat16 value is the top half of a float32's bits, so a 32-bit lane holding two of them
+ * gives the odd one by masking off the low half and the even one by shifting it up: no
+ * shuffles. The bfloat16 path keeps vectors of even and of odd elements (the query arranged
+ * the same way, the output put back in order at the end). Scores and sums are float32. */
+typedef unsigned int words16 __attribute__((vector_size(64)));
+
+/* vector i of a key or value row: float32, 16 elements from 16 * i; bfloat16, the even (i even)
+ * or odd elements of the 32 from 32 * (i / 2) */
+static inline __attribute__((always_inline)) floats16 lanes(const char *row, int i, int bf16) {
+    if (!bf16) {
+        floats16 v;
+        memcpy(&v, row + 64 * i, sizeof v);
+        return v;
+    }
+    words16 w;
+    memcpy(&w, row + 64 * (i / 2), sizeof w);
+    return (floats16)(i % 2 ? w & 0xffff0000u : w << 16);
+}
+
+/* the sum of a vector's 16 lanes, as a tree of shuffles (a loop over lanes is a chain of 16
+ * dependent additions) */
+static inline float sum16(floats16 v) {
+    v += __builtin_shuffle(v, (ints16){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    v += __builtin_shuffle(v, (ints16){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+    v += __builtin_shuffle(v, (ints16){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+    v += __builtin_shuffle(v, (ints16){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+    return v[0];
+}
+
+/* the lane sums of 16 vectors, as one vector (lane j: the sum of a[j]'s lanes): each level
+ * adds pairs of vectors' halves, so 15 additions do the work of 16 sum16s (60 + their shuffles) */
+static inline floats16 sum16x16(const floats16 a[16]) {
+    const ints16 lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+    const ints16 hi8 = lo8 + 8;
+    const ints16 lo4 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+    const ints16 hi4 = lo4 + 4;
+    const ints16 lo2 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
+    const ints16 hi2 = lo2 + 2;
+    const ints16 lo1 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+    const ints16 hi1 = lo1 + 1;
+    floats16 b[8], c[4], d[2];
+    for (int i = 0; i < 8; i++)
+        b[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], lo8) +
+               __builtin_shuffle(a[2 * i], a[2 * i + 1], hi8);
+    for (int i = 0; i < 4; i++)
+        c[i] = __builtin_shuffle(b[2 * i], b[2 * i + 1], lo4) +
+               __builtin_shuffle(b[2 * i], b[2 * i + 1], hi4);
+    for (int i = 0; i < 2; i++)
+        d[i] = __builtin_shuffle(c[2 * i], c[2 * i + 1], lo2) +
+               __builtin_shuffle(c[2 * i], c[2 * i + 1], hi2);
+    return __builtin_shuffle(d[0], d[1], lo1) + __builtin_shuffle(d[0], d[1], hi1);
+}
+
+static inline __attribute__((always_inline)) void
+attend_wide_n(const float *q, const char *keys, const char *values, const int bf16, int length,
+              const int n, float *restrict scores, float *out) {
+    const int D = 16 * n;
+    const size_t row = (size_t)D * (bf16 ? 2 : 4);
+    const float scale = 1.0f / sqrtf((float)D);
+    floats16 qv[8];
+    for (int i = 0; i < n; i++) {
+        for (int l = 0; l < 16; l++) qv[i][l] = q[bf16 ? 32 * (i / 2) + 2 * l + i % 2 : 16 * i + l];
+        qv[i] *= scale;
+    }
+    int t = 0;
+    for (; t + 16 <= length; t += 16) {
+        const char *k = keys + t * row;
+        for (size_t b = 0; b < 16 * row; b += 64) __builtin_prefetch(values + t * row + b);
+        floats16 a[16];
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; j++) {
+            a[j] = qv[0] * lanes(k + j * row, 0, bf16);
+#pragma GCC unroll 8
+            for (int i = 1; i < n; i++) a[j] += qv[i] * lanes(k + j * row, i, bf16);
+        }
+        const floats16 s = sum16x16(a);
+        memcpy(scores + t, &s, sizeof s);
+    }
+    for (; t < length; t++) {
+        floats16 a = {0};
+        for (int i = 0; i < n; i++) a += qv[i] * lanes(keys + t * row, i, bf16);
+        scores[t] = sum16(a);
+    }
+    floats16 tops = splat(-INFINITY);
+    for (t = 0; t + 16 <= length; t += 16) {
+        floats16 s;
+        memcpy(&s, scores + t, sizeof s);
+        tops = pick(s > tops, s, tops);
+    }
+    float top = -INFINITY;
+    for (int i = 0; i < 16; i++) top = tops[i] > top ? tops[i] : top;
+    for (; t < length; t++) top = scores[t] > top ? scores[t] : top;
+    floats16 totals = {0};
+    for (t = 0; t + 16 <= length; t += 16) {
+        floats16 s;
+        memcpy(&s, scores + t, sizeof s);
+        s = exp16(s - top);
+        memcpy(scores + t, &s, sizeof s);
+        totals += s;
+    }
+    float total = sum16(totals);
+    for (; t < length; t++) total += scores[t] = exp_approx(scores[t] - top);
+    floats16 acc[8], acc2[8];
+    for (int i = 0; i < n; i++) acc[i] = (floats16){0}, acc2[i] = (floats16){0};
+    for (t = 0; t + 2 <= length; t += 2) {
+        const char *v = values + t * row;
+#pragma GCC unroll 8
+        for (int i = 0; i < n; i++) {
+            acc[i] += scores[t] * lanes(v, i, bf16);
+            acc2[i] += scores[t + 1] * lanes(v + row, i, bf16);
+        }
+    }
+    if (t < length)
+        for (int i = 0; i < n; i++) acc[i] += scores[t] * lanes(values + t * row, i, bf16);
+    const float inv = 1.0f / total;
+    for (int i = 0; i < n; i++) {
+        const floats16 o = (acc[i] + acc2[i]) * inv;
+        for (int l = 0; l < 16; l++) out[bf16 ? 32 * (i / 2) + 2 * l + i % 2 : 16 * i + l] = o[l];
+    }
+}
+
+/* attend_wide_n with the head size and the cache's type known to the compiler */
+static void attend_wide(const float *q, const char *keys, const char *values, int bf16, int length,
+                        int D, float *scores, float *out) {
+#define ATTEND_CASE(N)                                                                      \
+    case N:                                                                                 \
+        if (bf16)                                                                           \
+            attend_wide_n(q, keys, values, 1, length, N, scores, out);                      \
+        else                                                                                \
+            attend_wide_n(q, keys, values, 0, length, N, scores, out);                      \
+        return;
+    switch (D / 16) {
+        ATTEND_CASE(2)
+        ATTEND_CASE(4)
+        ATTEND_CASE(6)
+        ATTEND_CASE(8)
+    }
+#undef ATTEND_CASE
+}
+
 /* Row r's key and value for head h, from qkv (rows, 3C), into the cache at `at` (float32, or
  * bfloat16 rounded to nearest even). */
 static void store_key_value(const float *qkv, void *k_cache, void *v_cache, int kv_bf16,
@@ -536,4 +681,49 @@ void gptserve_gelu(float *x, long n, int threads) {
         const long end = start + part < n ? start + part : n;
         if (start < end) gelu_range(x + start, (int)(end - start));
     }
+}
+
+/*
+ * For decode batches whose layers run on torch's kernels: each row's attention in layer `layer`
+ * over its own slot's positions 0..positions[r] (its key and value there already stored), from
+ * the queries in `qkv` (rows, 3 * n_head * head_dim) into `out` (rows, n_head * head_dim), in
+ * float32. Unlike a padded batch attention, a row reads only its own keys. Returns 0.
+ */
+int gptserve_attend(const float *qkv, const void *k_cache, const void *v_cache, int kv_bf16,
+                    int layer, int num_slots, int max_len, int n_head, int head_dim, int rows,
+                    const int *slots, const int *positions, float *out, int threads) {
+    const int H = n_head, D = head_dim, C = H * D;
+    const size_t head_stride = (size_t)max_len * D, width = kv_bf16 ? 2 : 4;
+    const size_t layer_at = (size_t)layer * num_slots * H * head_stride;
+    const int wide = D % 32 == 0 && D <= 128; /* attend_wide's cases */
+#pragma omp parallel num_threads(threads)
+    {
+        float scores[max_len + 16];
+#pragma omp for schedule(static)
+        for (int item = 0; item < rows * H; item++) {
+            const int r = item / H, h = item % H;
+            const size_t at = layer_at + (size_t)slots[r] * H * head_stride + h * head_stride;
+            const float *query = qkv + (size_t)r * 3 * C + h * D;
+            float *dst = out + (size_t)r * C + h * D;
+            if (item + 1 < rows * H) { /* the next item's first keys, while this one runs */
+                const int r2 = (item + 1) / H, h2 = (item + 1) % H;
+                const char *next = (const char *)k_cache +
+                                   (layer_at + (size_t)slots[r2] * H * head_stride +
+                                    h2 * head_stride) * width;
+                for (size_t b = 0; b < 16 * D * width; b += 64) __builtin_prefetch(next + b);
+            }
+            if (wide)
+                attend_wide(query, (const char *)k_cache + at * width,
+                            (const char *)v_cache + at * width, kv_bf16, positions[r] + 1, D,
+                            scores, dst);
+            else if (kv_bf16)
+                attend_bf16(query, (const unsigned short *)k_cache + at,
+                            (const unsigned short *)v_cache + at, positions[r] + 1, D, scores,
+                            dst);
+            else
+                attend_f32(query, (const float *)k_cache + at, (const float *)v_cache + at,
+                           positions[r] + 1, D, scores, dst);
+        }
+    }
+    return 0;
 }
