@@ -147,15 +147,24 @@ class DecodeStep:
             max_len = cache.k.shape[3]
             per_query = InvariantAttention(slots, [[p] for p in positions], max_len, device)
         store: KVStore | None = None
+        compiled_attention = False
         if count == 1:
             slot, position = slots[0], positions[0]
         else:
             slot_index = torch.tensor(slots, device=device)
             if self.compiled_writes:
-                store = KVStore.for_step(cache, slots, positions)
-            if shared and per_query is None:
+                groups = [(group.rows, group.slot, group.length) for group in shared]
+                store = KVStore.for_step(cache, slots, positions, groups)
+                compiled_attention = (
+                    store is not None
+                    and self.compiled_attention
+                    and (not groups or store.attends_shared())
+                )
+            if compiled_attention:
+                pass  # the library attends, shared prefixes included
+            elif shared and per_query is None:
                 plan = _SharedPlan(slots, positions, shared, device)
-            elif per_query is None and not (store is not None and self.compiled_attention):
+            elif per_query is None:
                 read, context, mask = key_window(slots, positions, 0, device)
         for index, layer in enumerate(self.layers):
             hidden = F.layer_norm(x, (width,), *layer.ln_1)
@@ -178,10 +187,10 @@ class DecodeStep:
                     k_cache[slot, :, : position + 1][None],  # (1, nh, L, hs)
                     v_cache[slot, :, : position + 1][None],
                 )  # (1, nh, 1, hs)
+            elif store is not None and compiled_attention:
+                attended = store.attend(qkv.view(count, -1), index)  # (B, C)
             elif plan is not None:
                 attended = plan.attend(query, k_cache, v_cache)  # (B, nh, hs)
-            elif store is not None and self.compiled_attention:
-                attended = store.attend(qkv.view(count, -1), index)  # (B, C)
             else:
                 attended = F.scaled_dot_product_attention(
                     query.unsqueeze(2).to(kv_dtype),

@@ -265,17 +265,13 @@ def _load() -> ctypes.CDLL:
             ctypes.POINTER(ctypes.c_int),
         ]
     )
+    pointer, integer, ints = ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int)
     lib.gptserve_attend.restype = ctypes.c_int
-    lib.gptserve_attend.argtypes = (
-        [ctypes.c_void_p] * 3
-        + [ctypes.c_int] * 7
-        + [
-            ctypes.POINTER(ctypes.c_int),
-            ctypes.POINTER(ctypes.c_int),
-            ctypes.c_void_p,
-            ctypes.c_int,
-        ]
-    )
+    lib.gptserve_attend.argtypes = [pointer] * 3 + [integer] * 7 + [ints] * 3
+    lib.gptserve_attend.argtypes += [integer, pointer, integer]
+    lib.gptserve_attend_shared.restype = ctypes.c_int
+    lib.gptserve_attend_shared.argtypes = [pointer] * 3 + [integer] * 6 + [ints] * 2
+    lib.gptserve_attend_shared.argtypes += [integer, ints, integer, integer, pointer, integer]
     lib.gptserve_gelu.restype = None
     lib.gptserve_gelu.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
     logger.debug("native decode step loaded from %s", path)
@@ -520,6 +516,9 @@ def compiled_gelu() -> Callable[[torch.Tensor], torch.Tensor] | None:
     return gelu
 
 
+SharedRows = tuple[Sequence[int], int, int]  # rows of a step, the slot to read from, tokens
+
+
 class KVStore:
     """One decode step's key and value writes, and optionally its attention, compiled: for
     steps whose layers run on torch's kernels.
@@ -536,7 +535,12 @@ class KVStore:
     start-up measures it (model.kernel_choice.choose_native_decode)."""
 
     def __init__(
-        self, lib: ctypes.CDLL, cache: KVCache, slots: Sequence[int], positions: Sequence[int]
+        self,
+        lib: ctypes.CDLL,
+        cache: KVCache,
+        slots: Sequence[int],
+        positions: Sequence[int],
+        shared: Sequence[SharedRows] = (),
     ) -> None:
         rows = len(slots)
         if not rows or len(positions) != rows:
@@ -546,19 +550,46 @@ class KVStore:
         self.n_layer, _, self.n_head, _, self.head_dim = cache.k.shape
         self._slots = (ctypes.c_int * rows)(*slots)
         self._positions = (ctypes.c_int * rows)(*positions)
+        self._groups = [self._group(group, slots, positions) for group in shared]
+        grouped = {row for group in shared for row in group[0]}
+        rest = [row for row in range(rows) if row not in grouped]
+        self._rest = (ctypes.c_int * len(rest))(*rest) if grouped else None
+
+    @staticmethod
+    def _group(
+        group: SharedRows, slots: Sequence[int], positions: Sequence[int]
+    ) -> tuple[ctypes.Array[ctypes.c_int], int, int]:
+        rows, slot, length = group
+        if len(rows) < 2 or len(set(rows)) != len(rows) or min(rows) < 0:
+            raise ValueError(f"a shared-prefix group needs two or more distinct rows, got {rows}")
+        if max(rows) >= len(slots) or slot not in [slots[r] for r in rows]:
+            raise ValueError(f"group rows {rows} and slot {slot} are not rows of this step")
+        if not 0 <= length <= min(positions[r] for r in rows):
+            raise ValueError(f"a shared prefix of {length} is past a row's position")
+        return (ctypes.c_int * len(rows))(*rows), slot, length
 
     @classmethod
     def for_step(
-        cls, cache: KVCache, slots: Sequence[int], positions: Sequence[int]
+        cls,
+        cache: KVCache,
+        slots: Sequence[int],
+        positions: Sequence[int],
+        shared: Sequence[SharedRows] = (),
     ) -> KVStore | None:
-        """The compiled writes for one step over `cache`, or None where they cannot run."""
+        """The compiled writes for one step over `cache`, or None where they cannot run.
+        `shared`: groups of rows whose first keys and values are the same (rows, the slot to
+        read them from, how many), for `attend`."""
         if not cache_layout_ok(cache):
             return None
         try:
             lib = load_library()
         except NativeUnavailable:
             return None
-        return cls(lib, cache, slots, positions)
+        return cls(lib, cache, slots, positions, shared)
+
+    def attends_shared(self) -> bool:
+        """Whether `attend` takes shared-prefix groups for this cache's head size."""
+        return self.head_dim % 32 == 0 and self.head_dim <= 128
 
     def _check(self, qkv: torch.Tensor, layer: int) -> None:
         width = 3 * self.n_head * self.head_dim
@@ -589,13 +620,16 @@ class KVStore:
 
     def attend(self, qkv: torch.Tensor, layer: int) -> torch.Tensor:
         """Each row's attention in layer `layer` over its own slot up to its position (keys and
-        values stored), from the queries in `qkv` (rows, 3C): (rows, C) float32."""
+        values stored), from the queries in `qkv` (rows, 3C): (rows, C) float32. The rows of a
+        shared-prefix group read their prefix once, from the group's slot, together."""
         self._check(qkv, layer)
+        if self._groups and not self.attends_shared():
+            raise ValueError(f"no compiled shared-prefix attention for heads of {self.head_dim}")
         qkv = qkv.contiguous()
         out = torch.empty(self.rows, self.n_head * self.head_dim)
         cache = self.cache
-        self.lib.gptserve_attend(
-            qkv.data_ptr(),
+        threads = max(1, torch.get_num_threads())
+        where = (
             cache.k.data_ptr(),
             cache.v.data_ptr(),
             int(cache.k.dtype == torch.bfloat16),
@@ -604,12 +638,19 @@ class KVStore:
             cache.max_seq_len,
             self.n_head,
             self.head_dim,
-            self.rows,
-            self._slots,
-            self._positions,
-            out.data_ptr(),
-            max(1, torch.get_num_threads()),
         )
+        rest = self._rest
+        if rest is None or len(rest):
+            count = self.rows if rest is None else len(rest)
+            self.lib.gptserve_attend(
+                qkv.data_ptr(), *where, self.rows, self._slots, self._positions, rest, count,
+                out.data_ptr(), threads,
+            )  # fmt: skip
+        for rows, slot, length in self._groups:
+            self.lib.gptserve_attend_shared(
+                qkv.data_ptr(), *where, self._slots, self._positions, len(rows), rows, slot,
+                length, out.data_ptr(), threads,
+            )  # fmt: skip
         return out
 
 

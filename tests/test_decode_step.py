@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from conftest import TINY, make_model
+from model.config import GPTConfig
 from model.decode import DecodeStep, SharedPrefix
 from model.gpt2 import GPT
 from model.kv_cache import BatchLayout, KVCache
+from model.native_decode import KVStore
 from model.packed_linear import pack_linears, packing_available
 from model.quantize import quantize_int8
 from service.engine.shared_prefix import find_shared_prefixes
@@ -16,10 +18,11 @@ from service.engine.shared_prefix import find_shared_prefixes
 
 def prefilled(model: GPT, prompts: list[list[int]]) -> KVCache:
     """A cache whose slot i holds prompts[i]."""
-    cache = KVCache(TINY, len(prompts), TINY.block_size)
+    config = model.config
+    cache = KVCache(config, len(prompts), config.block_size)
     width = max(len(p) for p in prompts)
     layout = BatchLayout.build(
-        list(range(len(prompts))), [0] * len(prompts), [len(p) for p in prompts], TINY.block_size
+        list(range(len(prompts))), [0] * len(prompts), [len(p) for p in prompts], config.block_size
     )
     idx = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
     with torch.inference_mode():
@@ -52,12 +55,20 @@ def test_decode_step_matches_forward_cached(weights: str) -> None:
     torch.testing.assert_close(lean.k, general.k, rtol=0, atol=1e-6)  # the same cache writes
 
 
-@pytest.mark.parametrize("weights", ["plain", "packed"])
-def test_shared_prefix_attention_matches_plain_attention(weights: str) -> None:
-    """Rows reading a common prefix from one slot give the logits of rows reading their own."""
+# heads of 32: the compiled attention's shared-prefix kernel takes them (TINY's 16 go to torch)
+HEADS_OF_32 = GPTConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=50257, block_size=128)
+
+
+@pytest.mark.parametrize(
+    ("weights", "attention"),
+    [("plain", "torch"), ("packed", "torch"), ("plain", "compiled"), ("packed", "compiled")],
+)
+def test_shared_prefix_attention_matches_plain_attention(weights: str, attention: str) -> None:
+    """Rows reading a common prefix from one slot give the logits of rows reading their own,
+    in torch's attention and in the compiled one (model.native_decode.KVStore.attend)."""
     if weights == "packed" and not packing_available():
         pytest.skip("torch without oneDNN")
-    model = make_model(seed=3)
+    model = make_model(HEADS_OF_32 if attention == "compiled" else TINY, seed=3)
     if weights == "packed":
         pack_linears(model)
     header = list(range(100, 140))
@@ -71,6 +82,12 @@ def test_shared_prefix_attention_matches_plain_attention(weights: str) -> None:
     ]
     plain, shared = prefilled(model, prompts), prefilled(model, prompts)
     step = DecodeStep(model)
+    if attention == "compiled":
+        if KVStore.for_step(shared, [0, 1], [0, 0]) is None:
+            pytest.skip("the compiled library is unavailable here")
+        step.compiled_attention = True
+    reference = DecodeStep(model)  # torch's attention, each row over its own slot
+    reference.compiled_attention = False
     groups = [SharedPrefix((0, 2, 5), slot=2, length=40), SharedPrefix((3, 4), slot=4, length=30)]
     for _ in range(3):  # the prefix stays, each row's own part grows
         rows = [5, 0, 1, 2, 4, 3]  # slots in any order
@@ -82,7 +99,7 @@ def test_shared_prefix_attention_matches_plain_attention(weights: str) -> None:
             for g in groups
         ]
         with torch.inference_mode():
-            expected = step(plain, tokens, rows, positions)
+            expected = reference(plain, tokens, rows, positions)
             got = step(shared, tokens, rows, positions, batch)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
         for row in rows:

@@ -615,3 +615,48 @@ def test_a_route_names_what_it_compiles() -> None:
     )
     forced = choose_native_decode(model, max_rows=32, force=True)
     assert forced is not None and forced.attention and DecodeStep(model).compiled_attention
+
+
+@pytest.mark.parametrize("config", [WIDE, NARROW], ids=["head64", "head32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_shared_prefix_attention_reads_the_prefix_from_the_groups_slot(
+    config: GPTConfig, dtype: torch.dtype
+) -> None:
+    model = make_model(config, seed=19)
+    native_or_skip(model)
+    generator = torch.Generator().manual_seed(19)
+    cache = KVCache(config, 40, config.block_size, dtype=dtype)
+    for tensor in (cache.k, cache.v):  # every slot different, its prefix part included
+        tensor.copy_(3 * torch.randn(tensor.shape, generator=generator))
+    # 35 grouped rows (two chunks of the kernel's 32) after two rows in no group
+    slots = [0, 1] + [5 + i for i in range(35)]
+    prefix, length = 7, 37  # the group reads its 37 first keys from slot 7 (its row 4)
+    positions = [20, 60] + [length + (i * 7) % 50 for i in range(35)]
+    group = tuple(range(2, 37))
+    store = KVStore.for_step(cache, slots, positions, [(group, prefix, length)])
+    assert store is not None and store.attends_shared()
+    qkv = torch.randn(len(slots), 3 * config.n_embd, generator=generator)
+    for layer in range(config.n_layer):
+        got = store.attend(qkv, layer)
+        # what the rows would read with the prefix copied into their own slots
+        expected_cache = KVCache(config, 40, config.block_size, dtype=dtype)
+        expected_cache.k.copy_(cache.k)
+        expected_cache.v.copy_(cache.v)
+        for row in group:
+            for kv in (expected_cache.k, expected_cache.v):
+                kv[:, slots[row], :, :length] = kv[:, prefix, :, :length]
+        want = float32_attention(qkv, expected_cache, layer, slots, positions)
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    for bad, message in (
+        (((2,), prefix, length), "two or more"),
+        (((2, 3), 99, length), "not rows of this step"),
+        (((2, 3), 5, 61), "past a row's position"),
+        (((2, 40), 5, 3), "not rows of this step"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            KVStore.for_step(cache, slots, positions, [bad])
+    narrow_heads = KVCache(ODD, 3, ODD.block_size)
+    odd_store = KVStore.for_step(narrow_heads, [0, 1, 2], [5, 5, 5], [((0, 1), 0, 4)])
+    assert odd_store is not None and not odd_store.attends_shared()
+    with pytest.raises(ValueError, match="no compiled shared-prefix attention"):
+        odd_store.attend(torch.zeros(3, 3 * ODD.n_embd), 0)

@@ -454,21 +454,33 @@ static inline floats16 sum16x16(const floats16 a[16]) {
     return __builtin_shuffle(d[0], d[1], lo1) + __builtin_shuffle(d[0], d[1], hi1);
 }
 
-static inline __attribute__((always_inline)) void
-attend_wide_n(const float *q, const char *keys, const char *values, const int bf16, int length,
-              const int n, float *restrict scores, float *out) {
-    const int D = 16 * n;
-    const size_t row = (size_t)D * (bf16 ? 2 : 4);
-    const float scale = 1.0f / sqrtf((float)D);
-    floats16 qv[8];
+/* a query's n vectors in the order `lanes` reads a row (even and odd elements for bfloat16),
+ * times `scale` */
+static inline void arrange_query(const float *q, int n, int bf16, float scale, floats16 *qv) {
     for (int i = 0; i < n; i++) {
         for (int l = 0; l < 16; l++) qv[i][l] = q[bf16 ? 32 * (i / 2) + 2 * l + i % 2 : 16 * i + l];
         qv[i] *= scale;
     }
+}
+
+/* n accumulated vectors (in `lanes` order) times `scale`, back in the head's order */
+static inline void put_in_order(const floats16 *acc, int n, int bf16, float scale, float *out) {
+    for (int i = 0; i < n; i++) {
+        const floats16 o = acc[i] * scale;
+        for (int l = 0; l < 16; l++) out[bf16 ? 32 * (i / 2) + 2 * l + i % 2 : 16 * i + l] = o[l];
+    }
+}
+
+/* scores[t] = q . key t (qv arranged and scaled), for the `length` rows from `keys`: sixteen
+ * keys at a time, reduced together */
+static inline __attribute__((always_inline)) void
+score_keys(const floats16 *qv, const char *keys, size_t row, int bf16, int length, const int n,
+           const char *prefetch, float *restrict scores) {
     int t = 0;
     for (; t + 16 <= length; t += 16) {
         const char *k = keys + t * row;
-        for (size_t b = 0; b < 16 * row; b += 64) __builtin_prefetch(values + t * row + b);
+        if (prefetch)
+            for (size_t b = 0; b < 16 * row; b += 64) __builtin_prefetch(prefetch + t * row + b);
         floats16 a[16];
 #pragma GCC unroll 16
         for (int j = 0; j < 16; j++) {
@@ -484,7 +496,12 @@ attend_wide_n(const float *q, const char *keys, const char *values, const int bf
         for (int i = 0; i < n; i++) a += qv[i] * lanes(keys + t * row, i, bf16);
         scores[t] = sum16(a);
     }
+}
+
+/* softmax numerators of scores[0..length) in place (exp(s - max)); returns their sum */
+static inline float exp_scores(float *restrict scores, int length) {
     floats16 tops = splat(-INFINITY);
+    int t;
     for (t = 0; t + 16 <= length; t += 16) {
         floats16 s;
         memcpy(&s, scores + t, sizeof s);
@@ -503,23 +520,41 @@ attend_wide_n(const float *q, const char *keys, const char *values, const int bf
     }
     float total = sum16(totals);
     for (; t < length; t++) total += scores[t] = exp_approx(scores[t] - top);
-    floats16 acc[8], acc2[8];
-    for (int i = 0; i < n; i++) acc[i] = (floats16){0}, acc2[i] = (floats16){0};
-    for (t = 0; t + 2 <= length; t += 2) {
+    return total;
+}
+
+/* acc += sum over t < length of weights[t] * value row t */
+static inline __attribute__((always_inline)) void
+add_values(const float *weights, const char *values, size_t row, int bf16, int length,
+           const int n, floats16 *acc) {
+    floats16 acc2[8];
+    for (int i = 0; i < n; i++) acc2[i] = (floats16){0};
+    int t = 0;
+    for (; t + 2 <= length; t += 2) {
         const char *v = values + t * row;
 #pragma GCC unroll 8
         for (int i = 0; i < n; i++) {
-            acc[i] += scores[t] * lanes(v, i, bf16);
-            acc2[i] += scores[t + 1] * lanes(v + row, i, bf16);
+            acc[i] += weights[t] * lanes(v, i, bf16);
+            acc2[i] += weights[t + 1] * lanes(v + row, i, bf16);
         }
     }
     if (t < length)
-        for (int i = 0; i < n; i++) acc[i] += scores[t] * lanes(values + t * row, i, bf16);
-    const float inv = 1.0f / total;
-    for (int i = 0; i < n; i++) {
-        const floats16 o = (acc[i] + acc2[i]) * inv;
-        for (int l = 0; l < 16; l++) out[bf16 ? 32 * (i / 2) + 2 * l + i % 2 : 16 * i + l] = o[l];
-    }
+        for (int i = 0; i < n; i++) acc[i] += weights[t] * lanes(values + t * row, i, bf16);
+    for (int i = 0; i < n; i++) acc[i] += acc2[i];
+}
+
+static inline __attribute__((always_inline)) void
+attend_wide_n(const float *q, const char *keys, const char *values, const int bf16, int length,
+              const int n, float *restrict scores, float *out) {
+    const size_t row = (size_t)n * 16 * (bf16 ? 2 : 4);
+    floats16 qv[8], acc[8];
+    arrange_query(q, n, bf16, 1.0f / sqrtf((float)(16 * n)), qv);
+    /* the values' lines are fetched while the keys are scored */
+    score_keys(qv, keys, row, bf16, length, n, values, scores);
+    const float total = exp_scores(scores, length);
+    for (int i = 0; i < n; i++) acc[i] = (floats16){0};
+    add_values(scores, values, row, bf16, length, n, acc);
+    put_in_order(acc, n, bf16, 1.0f / total, out);
 }
 
 /* attend_wide_n with the head size and the cache's type known to the compiler */
@@ -687,11 +722,14 @@ void gptserve_gelu(float *x, long n, int threads) {
  * For decode batches whose layers run on torch's kernels: each row's attention in layer `layer`
  * over its own slot's positions 0..positions[r] (its key and value there already stored), from
  * the queries in `qkv` (rows, 3 * n_head * head_dim) into `out` (rows, n_head * head_dim), in
- * float32. Unlike a padded batch attention, a row reads only its own keys. Returns 0.
+ * float32; only the `count` rows listed in `only`, unless it is NULL. Unlike a padded batch
+ * attention, a row reads only its own keys. Returns 0.
  */
 int gptserve_attend(const float *qkv, const void *k_cache, const void *v_cache, int kv_bf16,
                     int layer, int num_slots, int max_len, int n_head, int head_dim, int rows,
-                    const int *slots, const int *positions, float *out, int threads) {
+                    const int *slots, const int *positions, const int *only, int count,
+                    float *out, int threads) {
+    if (!only) count = rows;
     const int H = n_head, D = head_dim, C = H * D;
     const size_t head_stride = (size_t)max_len * D, width = kv_bf16 ? 2 : 4;
     const size_t layer_at = (size_t)layer * num_slots * H * head_stride;
@@ -700,13 +738,13 @@ int gptserve_attend(const float *qkv, const void *k_cache, const void *v_cache, 
     {
         float scores[max_len + 16];
 #pragma omp for schedule(static)
-        for (int item = 0; item < rows * H; item++) {
-            const int r = item / H, h = item % H;
+        for (int item = 0; item < count * H; item++) {
+            const int r = only ? only[item / H] : item / H, h = item % H;
             const size_t at = layer_at + (size_t)slots[r] * H * head_stride + h * head_stride;
             const float *query = qkv + (size_t)r * 3 * C + h * D;
             float *dst = out + (size_t)r * C + h * D;
-            if (item + 1 < rows * H) { /* the next item's first keys, while this one runs */
-                const int r2 = (item + 1) / H, h2 = (item + 1) % H;
+            if (item + 1 < count * H) { /* the next item's first keys, while this one runs */
+                const int r2 = only ? only[(item + 1) / H] : (item + 1) / H, h2 = (item + 1) % H;
                 const char *next = (const char *)k_cache +
                                    (layer_at + (size_t)slots[r2] * H * head_stride +
                                     h2 * head_stride) * width;
@@ -723,6 +761,105 @@ int gptserve_attend(const float *qkv, const void *k_cache, const void *v_cache, 
             else
                 attend_f32(query, (const float *)k_cache + at, (const float *)v_cache + at,
                            positions[r] + 1, D, scores, dst);
+        }
+    }
+    return 0;
+}
+
+/* One head's attention for up to SHARED_CHUNK rows of a shared-prefix group: the prefix's keys
+ * and values (slot `prefix`, positions below P) are read in blocks of PREFIX_BLOCK that stay in
+ * the first-level cache while every row uses them; each row's own keys and values (its slot,
+ * positions P..its position) after them, under one softmax. */
+#define SHARED_CHUNK 32
+#define PREFIX_BLOCK 64
+
+static inline __attribute__((always_inline)) void
+attend_group_n(const float *qkv, const char *k_layer, const char *v_layer, const int bf16,
+               size_t slot_bytes, size_t head_bytes, int C, int h, const int *group, int count,
+               const int *slots, const int *positions, int prefix, int P, int stride,
+               const int n, float *restrict scores, floats16 (*acc)[8], float *out) {
+    const int D = 16 * n;
+    const size_t row = (size_t)D * (bf16 ? 2 : 4);
+    const char *prefix_keys = k_layer + prefix * slot_bytes + h * head_bytes;
+    const char *prefix_values = v_layer + prefix * slot_bytes + h * head_bytes;
+    floats16 qv[SHARED_CHUNK][8];
+    float totals[SHARED_CHUNK];
+    for (int g = 0; g < count; g++) {
+        arrange_query(qkv + (size_t)group[g] * 3 * C + h * D, n, bf16, 1.0f / sqrtf((float)D),
+                      qv[g]);
+        for (int i = 0; i < n; i++) acc[g][i] = (floats16){0};
+    }
+    for (int t = 0; t < P; t += PREFIX_BLOCK) {
+        const int block = P - t < PREFIX_BLOCK ? P - t : PREFIX_BLOCK;
+        for (int g = 0; g < count; g++)
+            score_keys(qv[g], prefix_keys + t * row, row, bf16, block, n, NULL,
+                       scores + (size_t)g * stride + t);
+    }
+    for (int g = 0; g < count; g++) {
+        const int r = group[g], own = positions[r] + 1 - P;
+        const size_t at = slots[r] * slot_bytes + h * head_bytes + P * row;
+        float *mine = scores + (size_t)g * stride;
+        score_keys(qv[g], k_layer + at, row, bf16, own, n, NULL, mine + P);
+        totals[g] = exp_scores(mine, P + own);
+        add_values(mine + P, v_layer + at, row, bf16, own, n, acc[g]);
+    }
+    for (int t = 0; t < P; t += PREFIX_BLOCK) {
+        const int block = P - t < PREFIX_BLOCK ? P - t : PREFIX_BLOCK;
+        for (int g = 0; g < count; g++)
+            add_values(scores + (size_t)g * stride + t, prefix_values + t * row, row, bf16, block,
+                       n, acc[g]);
+    }
+    for (int g = 0; g < count; g++)
+        put_in_order(acc[g], n, bf16, 1.0f / totals[g], out + (size_t)group[g] * C + h * D);
+}
+
+/*
+ * The attention of a group of decode rows that share their first `prefix_len` tokens, in layer
+ * `layer`: their keys and values there are read once, from slot `prefix_slot`, for all of them
+ * (a few-shot header, n choices of one prompt), and each row's own after that from its slot, as
+ * gptserve_attend would read them all from its own slot. group_rows: `group_size` indices into
+ * the batch's rows, slots, positions; every position is at least prefix_len. Float32 scores and
+ * sums. Returns 0, or -1 where the head size is not one attend_wide takes (the caller uses
+ * torch's then).
+ */
+int gptserve_attend_shared(const float *qkv, const void *k_cache, const void *v_cache,
+                           int kv_bf16, int layer, int num_slots, int max_len, int n_head,
+                           int head_dim, const int *slots, const int *positions, int group_size,
+                           const int *group_rows, int prefix_slot, int prefix_len, float *out,
+                           int threads) {
+    const int H = n_head, D = head_dim, C = H * D;
+    if (D % 32 != 0 || D > 128) return -1;
+    const size_t width = kv_bf16 ? 2 : 4, head_bytes = (size_t)max_len * D * width;
+    const size_t slot_bytes = H * head_bytes;
+    const char *k_layer = (const char *)k_cache + (size_t)layer * num_slots * slot_bytes;
+    const char *v_layer = (const char *)v_cache + (size_t)layer * num_slots * slot_bytes;
+    const int chunks = (group_size + SHARED_CHUNK - 1) / SHARED_CHUNK, stride = max_len + 16;
+#pragma omp parallel num_threads(threads)
+    {
+        float scores[SHARED_CHUNK * stride];
+        floats16 acc[SHARED_CHUNK][8];
+#pragma omp for schedule(static)
+        for (int item = 0; item < H * chunks; item++) {
+            const int h = item % H, first = item / H * SHARED_CHUNK;
+            const int count = group_size - first < SHARED_CHUNK ? group_size - first : SHARED_CHUNK;
+#define SHARED_CASE(N)                                                                          \
+    case N:                                                                                     \
+        if (kv_bf16)                                                                            \
+            attend_group_n(qkv, k_layer, v_layer, 1, slot_bytes, head_bytes, C, h,              \
+                           group_rows + first, count, slots, positions, prefix_slot,            \
+                           prefix_len, stride, N, scores, acc, out);                            \
+        else                                                                                    \
+            attend_group_n(qkv, k_layer, v_layer, 0, slot_bytes, head_bytes, C, h,              \
+                           group_rows + first, count, slots, positions, prefix_slot,            \
+                           prefix_len, stride, N, scores, acc, out);                            \
+        break;
+            switch (D / 16) {
+                SHARED_CASE(2)
+                SHARED_CASE(4)
+                SHARED_CASE(6)
+                SHARED_CASE(8)
+            }
+#undef SHARED_CASE
         }
     }
     return 0;
