@@ -268,10 +268,13 @@ def _load() -> ctypes.CDLL:
     pointer, integer, ints = ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int)
     lib.gptserve_attend.restype = ctypes.c_int
     lib.gptserve_attend.argtypes = [pointer] * 3 + [integer] * 7 + [ints] * 3
-    lib.gptserve_attend.argtypes += [integer, pointer, integer]
+    lib.gptserve_attend.argtypes += [integer, pointer, pointer, integer]
     lib.gptserve_attend_shared.restype = ctypes.c_int
     lib.gptserve_attend_shared.argtypes = [pointer] * 3 + [integer] * 6 + [ints] * 2
-    lib.gptserve_attend_shared.argtypes += [integer, ints, integer, integer, pointer, integer]
+    lib.gptserve_attend_shared.argtypes += [integer, ints, integer, integer, pointer, pointer]
+    lib.gptserve_attend_shared.argtypes += [integer]
+    lib.gptserve_attend_floats.restype = ctypes.c_size_t
+    lib.gptserve_attend_floats.argtypes = [integer, integer]
     lib.gptserve_gelu.restype = None
     lib.gptserve_gelu.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
     logger.debug("native decode step loaded from %s", path)
@@ -554,6 +557,7 @@ class KVStore:
         grouped = {row for group in shared for row in group[0]}
         rest = [row for row in range(rows) if row not in grouped]
         self._rest = (ctypes.c_int * len(rest))(*rest) if grouped else None
+        self._workspace: torch.Tensor | None = None  # the attention's scores
 
     @staticmethod
     def _group(
@@ -629,6 +633,12 @@ class KVStore:
         out = torch.empty(self.rows, self.n_head * self.head_dim)
         cache = self.cache
         threads = max(1, torch.get_num_threads())
+        floats = threads * self.lib.gptserve_attend_floats(
+            cache.max_seq_len, int(bool(self._groups))
+        )
+        if self._workspace is None or self._workspace.numel() < floats:  # kept for every layer
+            self._workspace = torch.empty(floats)
+        workspace = self._workspace.data_ptr()
         where = (
             cache.k.data_ptr(),
             cache.v.data_ptr(),
@@ -644,12 +654,12 @@ class KVStore:
             count = self.rows if rest is None else len(rest)
             self.lib.gptserve_attend(
                 qkv.data_ptr(), *where, self.rows, self._slots, self._positions, rest, count,
-                out.data_ptr(), threads,
+                out.data_ptr(), workspace, threads,
             )  # fmt: skip
         for rows, slot, length in self._groups:
             self.lib.gptserve_attend_shared(
                 qkv.data_ptr(), *where, self._slots, self._positions, len(rows), rows, slot,
-                length, out.data_ptr(), threads,
+                length, out.data_ptr(), workspace, threads,
             )  # fmt: skip
         return out
 

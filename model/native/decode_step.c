@@ -718,6 +718,14 @@ void gptserve_gelu(float *x, long n, int threads) {
     }
 }
 
+#define SHARED_CHUNK 32 /* rows of a shared-prefix group attended together */
+
+/* Floats of workspace per thread that the attention below needs over a cache of `max_len`
+ * positions: one row's scores, or a chunk of a shared-prefix group's. */
+size_t gptserve_attend_floats(int max_len, int shared) {
+    return (size_t)(shared ? SHARED_CHUNK : 1) * (max_len + 16);
+}
+
 /*
  * For decode batches whose layers run on torch's kernels: each row's attention in layer `layer`
  * over its own slot's positions 0..positions[r] (its key and value there already stored), from
@@ -728,7 +736,7 @@ void gptserve_gelu(float *x, long n, int threads) {
 int gptserve_attend(const float *qkv, const void *k_cache, const void *v_cache, int kv_bf16,
                     int layer, int num_slots, int max_len, int n_head, int head_dim, int rows,
                     const int *slots, const int *positions, const int *only, int count,
-                    float *out, int threads) {
+                    float *out, float *workspace, int threads) {
     if (!only) count = rows;
     const int H = n_head, D = head_dim, C = H * D;
     const size_t head_stride = (size_t)max_len * D, width = kv_bf16 ? 2 : 4;
@@ -736,7 +744,7 @@ int gptserve_attend(const float *qkv, const void *k_cache, const void *v_cache, 
     const int wide = D % 32 == 0 && D <= 128; /* attend_wide's cases */
 #pragma omp parallel num_threads(threads)
     {
-        float scores[max_len + 16];
+        float *scores = workspace + (size_t)omp_get_thread_num() * gptserve_attend_floats(max_len, 0);
 #pragma omp for schedule(static)
         for (int item = 0; item < count * H; item++) {
             const int r = only ? only[item / H] : item / H, h = item % H;
@@ -770,7 +778,6 @@ int gptserve_attend(const float *qkv, const void *k_cache, const void *v_cache, 
  * and values (slot `prefix`, positions below P) are read in blocks of PREFIX_BLOCK that stay in
  * the first-level cache while every row uses them; each row's own keys and values (its slot,
  * positions P..its position) after them, under one softmax. */
-#define SHARED_CHUNK 32
 #define PREFIX_BLOCK 64
 
 static inline __attribute__((always_inline)) void
@@ -826,7 +833,7 @@ int gptserve_attend_shared(const float *qkv, const void *k_cache, const void *v_
                            int kv_bf16, int layer, int num_slots, int max_len, int n_head,
                            int head_dim, const int *slots, const int *positions, int group_size,
                            const int *group_rows, int prefix_slot, int prefix_len, float *out,
-                           int threads) {
+                           float *workspace, int threads) {
     const int H = n_head, D = head_dim, C = H * D;
     if (D % 32 != 0 || D > 128) return -1;
     const size_t width = kv_bf16 ? 2 : 4, head_bytes = (size_t)max_len * D * width;
@@ -834,9 +841,10 @@ int gptserve_attend_shared(const float *qkv, const void *k_cache, const void *v_
     const char *k_layer = (const char *)k_cache + (size_t)layer * num_slots * slot_bytes;
     const char *v_layer = (const char *)v_cache + (size_t)layer * num_slots * slot_bytes;
     const int chunks = (group_size + SHARED_CHUNK - 1) / SHARED_CHUNK, stride = max_len + 16;
+    /* stride * SHARED_CHUNK floats of scores per thread: gptserve_attend_floats(max_len, 1) */
 #pragma omp parallel num_threads(threads)
     {
-        float scores[SHARED_CHUNK * stride];
+        float *scores = workspace + (size_t)omp_get_thread_num() * gptserve_attend_floats(max_len, 1);
         floats16 acc[SHARED_CHUNK][8];
 #pragma omp for schedule(static)
         for (int item = 0; item < H * chunks; item++) {
