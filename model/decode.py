@@ -101,7 +101,7 @@ class DecodeStep:
         # Batched steps write their keys and values through the compiled library where it loads
         # (the same bytes as torch's indexed assignment, less per-call work).
         self.compiled_writes = on_cpu and model.dtype == torch.float32
-        # ... and attend through it, where the start-up measured that faster
+        # ... and attend through it, where the start-up chose that (measured faster, or forced)
         self.compiled_attention = self.native is not None and self.native.attention
 
     def _native_for(self, cache: KVCache, rows: int) -> NativeDecode | None:
@@ -153,7 +153,8 @@ class DecodeStep:
         else:
             slot_index = torch.tensor(slots, device=device)
             if self.compiled_writes:
-                groups = [(group.rows, group.slot, group.length) for group in shared]
+                # the groups go to the library only where it attends (it checks them)
+                groups = [(g.rows, g.slot, g.length) for g in shared if self.compiled_attention]
                 store = KVStore.for_step(cache, slots, positions, groups)
                 compiled_attention = (
                     store is not None

@@ -630,14 +630,14 @@ class KVStore:
         if self._groups and not self.attends_shared():
             raise ValueError(f"no compiled shared-prefix attention for heads of {self.head_dim}")
         qkv = qkv.contiguous()
-        out = torch.empty(self.rows, self.n_head * self.head_dim)
+        out = torch.empty(self.rows, self.n_head * self.head_dim, dtype=torch.float32)
         cache = self.cache
         threads = max(1, torch.get_num_threads())
         floats = threads * self.lib.gptserve_attend_floats(
             cache.max_seq_len, int(bool(self._groups))
         )
         if self._workspace is None or self._workspace.numel() < floats:  # kept for every layer
-            self._workspace = torch.empty(floats)
+            self._workspace = torch.empty(floats, dtype=torch.float32)
         workspace = self._workspace.data_ptr()
         where = (
             cache.k.data_ptr(),
@@ -657,10 +657,12 @@ class KVStore:
                 out.data_ptr(), workspace, threads,
             )  # fmt: skip
         for rows, slot, length in self._groups:
-            self.lib.gptserve_attend_shared(
+            done = self.lib.gptserve_attend_shared(
                 qkv.data_ptr(), *where, self._slots, self._positions, len(rows), rows, slot,
                 length, out.data_ptr(), workspace, threads,
             )  # fmt: skip
+            if done != 0:  # attends_shared() said yes: the library disagrees
+                raise RuntimeError(f"the compiled shared-prefix attention refused {self.head_dim}")
         return out
 
 

@@ -63,7 +63,9 @@ HEADS_OF_32 = GPTConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=50257, block_
     ("weights", "attention"),
     [("plain", "torch"), ("packed", "torch"), ("plain", "compiled"), ("packed", "compiled")],
 )
-def test_shared_prefix_attention_matches_plain_attention(weights: str, attention: str) -> None:
+def test_shared_prefix_attention_matches_plain_attention(
+    weights: str, attention: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Rows reading a common prefix from one slot give the logits of rows reading their own,
     in torch's attention and in the compiled one (model.native_decode.KVStore.attend)."""
     if weights == "packed" and not packing_available():
@@ -86,6 +88,14 @@ def test_shared_prefix_attention_matches_plain_attention(weights: str, attention
         if KVStore.for_step(shared, [0, 1], [0, 0]) is None:
             pytest.skip("the compiled library is unavailable here")
         step.compiled_attention = True
+    grouped_calls: list[int] = []  # KVStore.attend calls, by their shared-prefix groups
+    attend = KVStore.attend
+
+    def counted(self: KVStore, qkv: torch.Tensor, layer: int) -> torch.Tensor:
+        grouped_calls.append(len(self._groups))
+        return attend(self, qkv, layer)
+
+    monkeypatch.setattr(KVStore, "attend", counted)
     reference = DecodeStep(model)  # torch's attention, each row over its own slot
     reference.compiled_attention = False
     groups = [SharedPrefix((0, 2, 5), slot=2, length=40), SharedPrefix((3, 4), slot=4, length=30)]
@@ -105,6 +115,8 @@ def test_shared_prefix_attention_matches_plain_attention(weights: str, attention
         for row in rows:
             prompts[row] = prompts[row] + [11 + row]
     torch.testing.assert_close(shared.k, plain.k, rtol=0, atol=1e-6)
+    # the compiled variant attended through the library, both groups each time; torch's never
+    assert grouped_calls == ([2] * 3 * model.config.n_layer if attention == "compiled" else [])
 
 
 def test_find_shared_prefixes_groups_rows_with_long_common_prompts() -> None:

@@ -523,10 +523,27 @@ def test_a_cache_of_another_shape_is_not_taken() -> None:
         native(KVCache(other, 2, 8), [1], [0], [0])
 
 
-# Head sizes of the compiled attention's vector cases (64 as in every GPT-2, 32) and of its
-# plain loop (ODD's 12).
-WIDE = GPTConfig(n_layer=2, n_head=2, n_embd=128, vocab_size=101, block_size=96)
-NARROW = GPTConfig(n_layer=2, n_head=3, n_embd=96, vocab_size=101, block_size=96)
+# Head sizes of the compiled attention's vector cases (64 as in every GPT-2; 32, 96, 128) and
+# of its plain loop (ODD's 12).
+WIDE = GPTConfig(n_layer=2, n_head=2, n_embd=128, vocab_size=101, block_size=256)
+NARROW = GPTConfig(n_layer=2, n_head=3, n_embd=96, vocab_size=101, block_size=256)
+HEAD96 = GPTConfig(n_layer=1, n_head=2, n_embd=192, vocab_size=101, block_size=256)
+HEAD128 = GPTConfig(n_layer=1, n_head=2, n_embd=256, vocab_size=101, block_size=256)
+HEADS = [WIDE, NARROW, HEAD96, HEAD128]
+HEAD_IDS = ["head64", "head32", "head96", "head128"]
+
+
+def counting_attention(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Record each KVStore.attend call (True: with shared-prefix groups)."""
+    calls: list[bool] = []
+    attend = KVStore.attend
+
+    def counted(self: KVStore, qkv: torch.Tensor, layer: int) -> torch.Tensor:
+        calls.append(bool(self._groups))
+        return attend(self, qkv, layer)
+
+    monkeypatch.setattr(KVStore, "attend", counted)
+    return calls
 
 
 def float32_attention(qkv: torch.Tensor, cache: KVCache, layer: int, slots, positions):  # type: ignore[no-untyped-def]
@@ -543,7 +560,7 @@ def float32_attention(qkv: torch.Tensor, cache: KVCache, layer: int, slots, posi
     return torch.stack(rows).float()
 
 
-@pytest.mark.parametrize("config", [WIDE, NARROW, ODD], ids=["head64", "head32", "head12"])
+@pytest.mark.parametrize("config", [*HEADS, ODD], ids=[*HEAD_IDS, "head12"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_attention_is_each_rows_attention_over_its_own_keys(
     config: GPTConfig, dtype: torch.dtype
@@ -571,10 +588,11 @@ def test_compiled_attention_is_each_rows_attention_over_its_own_keys(
 
 @pytest.mark.parametrize("config", [WIDE, ODD], ids=["head64", "head12"])
 def test_batched_steps_with_compiled_attention_give_the_torch_steps_logits(
-    config: GPTConfig,
+    config: GPTConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = make_model(config, seed=16)
     native_or_skip(model)
+    calls = counting_attention(monkeypatch)
     prompts = [list(range(1, 40)), [5, 6], list(range(10, 27)), list(range(50, 66))]
     ours, theirs = prefilled(model, prompts, slots=5), prefilled(model, prompts, slots=5)
     compiled, reference = DecodeStep(model), DecodeStep(model)
@@ -584,9 +602,36 @@ def test_batched_steps_with_compiled_attention_give_the_torch_steps_logits(
         for extra in range(3):  # a few steps: each reads the keys the last one wrote
             where = [p + extra for p in positions]
             got = compiled(ours, [7, 8, 9, 10], rows, where)
+            assert len(calls) == config.n_layer * (extra + 1)  # the library attended
             expected = reference(theirs, [7, 8, 9, 10], rows, where)
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert len(calls) == 3 * config.n_layer  # the reference step did not
     torch.testing.assert_close(ours.k, theirs.k, rtol=0, atol=1e-5)
+
+
+def test_compiled_attention_over_a_bfloat16_cache_in_batched_steps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The int8 setup's cache: keys and values rounded to bfloat16. Torch's attention rounds
+    the queries too, the compiled one keeps them in float32, so the logits agree to that."""
+    model = make_model(WIDE, seed=20)
+    native_or_skip(model)
+    calls = counting_attention(monkeypatch)
+    prompts = [list(range(1, 90)), [5, 6, 7], list(range(10, 27))]
+    caches = [KVCache(WIDE, 3, WIDE.block_size, dtype=torch.bfloat16) for _ in range(2)]
+    for cache in caches:
+        for slot, prompt in enumerate(prompts):
+            with torch.inference_mode():
+                DecodeStep(model).several(cache, prompt, slot, 0)  # the prompt, in one pass
+    compiled, reference = DecodeStep(model), DecodeStep(model)
+    compiled.compiled_attention, reference.compiled_attention = True, False
+    positions = [len(p) for p in prompts]
+    with torch.inference_mode():
+        got = compiled(caches[0], [7, 8, 9], [0, 1, 2], positions)
+        expected = reference(caches[1], [7, 8, 9], [0, 1, 2], positions)
+    assert calls == [False] * WIDE.n_layer
+    torch.testing.assert_close(got, expected, rtol=0, atol=5e-3)
+    assert (got - expected).abs().max() > 0  # the queries' rounding differs: not the same path
 
 
 def test_start_up_choice_times_the_batched_attention() -> None:
@@ -617,10 +662,11 @@ def test_a_route_names_what_it_compiles() -> None:
     assert forced is not None and forced.attention and DecodeStep(model).compiled_attention
 
 
-@pytest.mark.parametrize("config", [WIDE, NARROW], ids=["head64", "head32"])
+@pytest.mark.parametrize("config", HEADS, ids=HEAD_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length", [37, 130])  # within the first block of prefix keys, or three
 def test_compiled_shared_prefix_attention_reads_the_prefix_from_the_groups_slot(
-    config: GPTConfig, dtype: torch.dtype
+    config: GPTConfig, dtype: torch.dtype, length: int
 ) -> None:
     model = make_model(config, seed=19)
     native_or_skip(model)
@@ -630,7 +676,7 @@ def test_compiled_shared_prefix_attention_reads_the_prefix_from_the_groups_slot(
         tensor.copy_(3 * torch.randn(tensor.shape, generator=generator))
     # 35 grouped rows (two chunks of the kernel's 32) after two rows in no group
     slots = [0, 1] + [5 + i for i in range(35)]
-    prefix, length = 7, 37  # the group reads its 37 first keys from slot 7 (its row 4)
+    prefix = 7  # the group reads its first keys from slot 7 (its row 4)
     positions = [20, 60] + [length + (i * 7) % 50 for i in range(35)]
     group = tuple(range(2, 37))
     store = KVStore.for_step(cache, slots, positions, [(group, prefix, length)])
@@ -650,7 +696,7 @@ def test_compiled_shared_prefix_attention_reads_the_prefix_from_the_groups_slot(
     for bad, message in (
         (((2,), prefix, length), "two or more"),
         (((2, 3), 99, length), "not rows of this step"),
-        (((2, 3), 5, 61), "past a row's position"),
+        (((2, 3), 5, length + 1), "past a row's position"),
         (((2, 40), 5, 3), "not rows of this step"),
     ):
         with pytest.raises(ValueError, match=message):

@@ -396,8 +396,8 @@ static inline unsigned short to_bf16(float f) {
 DEFINE_ATTEND(attend_f32, float, AS_FLOAT)
 DEFINE_ATTEND(attend_bf16, unsigned short, from_bf16)
 
-/* The same attention for batched steps, 16 floats at a time, for head sizes that are a multiple
- * of 16 (float32 cache) or 32 (bfloat16), up to 128. A row and head's keys (~100 at a time) are
+/* The same attention for batched steps, 16 floats at a time, for head sizes of 32, 64, 96 or
+ * 128 (GPT-2's are 64). A row and head's keys (~100 at a time) are
  * a short stream, so keys are scored sixteen at a time (independent sums, reduced together):
  * memory, not arithmetic, then sets the pace.
  *
@@ -420,38 +420,45 @@ static inline __attribute__((always_inline)) floats16 lanes(const char *row, int
     return (floats16)(i % 2 ? w & 0xffff0000u : w << 16);
 }
 
+/* Lanes of two vectors picked by constant indices (0-15 from a, 16-31 from b): GCC's and
+ * clang's spellings of the same vector extension. */
+#ifdef __clang__
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (ints16){__VA_ARGS__})
+#endif
+
 /* the sum of a vector's 16 lanes, as a tree of shuffles (a loop over lanes is a chain of 16
  * dependent additions) */
 static inline float sum16(floats16 v) {
-    v += __builtin_shuffle(v, (ints16){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-    v += __builtin_shuffle(v, (ints16){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-    v += __builtin_shuffle(v, (ints16){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-    v += __builtin_shuffle(v, (ints16){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+    v += SHUFFLE(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    v += SHUFFLE(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    v += SHUFFLE(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    v += SHUFFLE(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
     return v[0];
 }
 
 /* the lane sums of 16 vectors, as one vector (lane j: the sum of a[j]'s lanes): each level
  * adds pairs of vectors' halves, so 15 additions do the work of 16 sum16s (60 + their shuffles) */
 static inline floats16 sum16x16(const floats16 a[16]) {
-    const ints16 lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-    const ints16 hi8 = lo8 + 8;
-    const ints16 lo4 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
-    const ints16 hi4 = lo4 + 4;
-    const ints16 lo2 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
-    const ints16 hi2 = lo2 + 2;
-    const ints16 lo1 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-    const ints16 hi1 = lo1 + 1;
     floats16 b[8], c[4], d[2];
     for (int i = 0; i < 8; i++)
-        b[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], lo8) +
-               __builtin_shuffle(a[2 * i], a[2 * i + 1], hi8);
+        b[i] = SHUFFLE(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22,
+                       23) +
+               SHUFFLE(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28,
+                       29, 30, 31);
     for (int i = 0; i < 4; i++)
-        c[i] = __builtin_shuffle(b[2 * i], b[2 * i + 1], lo4) +
-               __builtin_shuffle(b[2 * i], b[2 * i + 1], hi4);
+        c[i] = SHUFFLE(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25,
+                       26, 27) +
+               SHUFFLE(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28,
+                       29, 30, 31);
     for (int i = 0; i < 2; i++)
-        d[i] = __builtin_shuffle(c[2 * i], c[2 * i + 1], lo2) +
-               __builtin_shuffle(c[2 * i], c[2 * i + 1], hi2);
-    return __builtin_shuffle(d[0], d[1], lo1) + __builtin_shuffle(d[0], d[1], hi1);
+        d[i] = SHUFFLE(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25,
+                       28, 29) +
+               SHUFFLE(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26,
+                       27, 30, 31);
+    return SHUFFLE(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           SHUFFLE(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
 /* a query's n vectors in the order `lanes` reads a row (even and odd elements for bfloat16),
@@ -572,6 +579,12 @@ static void attend_wide(const float *q, const char *keys, const char *values, in
         ATTEND_CASE(4)
         ATTEND_CASE(6)
         ATTEND_CASE(8)
+    default: /* other sizes: the plain loop (gptserve_attend routes them there already) */
+        if (bf16)
+            attend_bf16(q, (const unsigned short *)keys, (const unsigned short *)values, length, D,
+                        scores, out);
+        else
+            attend_f32(q, (const float *)keys, (const float *)values, length, D, scores, out);
     }
 #undef ATTEND_CASE
 }
@@ -721,9 +734,11 @@ void gptserve_gelu(float *x, long n, int threads) {
 #define SHARED_CHUNK 32 /* rows of a shared-prefix group attended together */
 
 /* Floats of workspace per thread that the attention below needs over a cache of `max_len`
- * positions: one row's scores, or a chunk of a shared-prefix group's. */
+ * positions: one row's scores, or a chunk of a shared-prefix group's queries, sums and scores
+ * (SharedSpace), with room to align each thread's part to 64 bytes. */
 size_t gptserve_attend_floats(int max_len, int shared) {
-    return (size_t)(shared ? SHARED_CHUNK : 1) * (max_len + 16);
+    const size_t group = (2 * SHARED_CHUNK * 8 * 16 + SHARED_CHUNK) + SHARED_CHUNK * (size_t)(max_len + 16);
+    return (shared ? group : (size_t)max_len + 16) + 16;
 }
 
 /*
@@ -780,17 +795,25 @@ int gptserve_attend(const float *qkv, const void *k_cache, const void *v_cache, 
  * positions P..its position) after them, under one softmax. */
 #define PREFIX_BLOCK 64
 
+/* a thread's workspace for attend_group_n (in the caller's memory, not on the thread's stack,
+ * which OMP_STACKSIZE may keep small) */
+typedef struct {
+    floats16 queries[SHARED_CHUNK][8], sums[SHARED_CHUNK][8];
+    float totals[SHARED_CHUNK];
+    float scores[]; /* SHARED_CHUNK rows of max_len + 16 */
+} SharedSpace;
+
 static inline __attribute__((always_inline)) void
 attend_group_n(const float *qkv, const char *k_layer, const char *v_layer, const int bf16,
                size_t slot_bytes, size_t head_bytes, int C, int h, const int *group, int count,
                const int *slots, const int *positions, int prefix, int P, int stride,
-               const int n, float *restrict scores, floats16 (*acc)[8], float *out) {
+               const int n, SharedSpace *space, float *out) {
     const int D = 16 * n;
     const size_t row = (size_t)D * (bf16 ? 2 : 4);
     const char *prefix_keys = k_layer + prefix * slot_bytes + h * head_bytes;
     const char *prefix_values = v_layer + prefix * slot_bytes + h * head_bytes;
-    floats16 qv[SHARED_CHUNK][8];
-    float totals[SHARED_CHUNK];
+    floats16(*qv)[8] = space->queries, (*acc)[8] = space->sums;
+    float *totals = space->totals, *scores = space->scores;
     for (int g = 0; g < count; g++) {
         arrange_query(qkv + (size_t)group[g] * 3 * C + h * D, n, bf16, 1.0f / sqrtf((float)D),
                       qv[g]);
@@ -841,11 +864,10 @@ int gptserve_attend_shared(const float *qkv, const void *k_cache, const void *v_
     const char *k_layer = (const char *)k_cache + (size_t)layer * num_slots * slot_bytes;
     const char *v_layer = (const char *)v_cache + (size_t)layer * num_slots * slot_bytes;
     const int chunks = (group_size + SHARED_CHUNK - 1) / SHARED_CHUNK, stride = max_len + 16;
-    /* stride * SHARED_CHUNK floats of scores per thread: gptserve_attend_floats(max_len, 1) */
 #pragma omp parallel num_threads(threads)
     {
-        float *scores = workspace + (size_t)omp_get_thread_num() * gptserve_attend_floats(max_len, 1);
-        floats16 acc[SHARED_CHUNK][8];
+        const size_t floats = gptserve_attend_floats(max_len, 1);
+        SharedSpace *space = (SharedSpace *)aligned(workspace + omp_get_thread_num() * floats);
 #pragma omp for schedule(static)
         for (int item = 0; item < H * chunks; item++) {
             const int h = item % H, first = item / H * SHARED_CHUNK;
@@ -855,11 +877,11 @@ int gptserve_attend_shared(const float *qkv, const void *k_cache, const void *v_
         if (kv_bf16)                                                                            \
             attend_group_n(qkv, k_layer, v_layer, 1, slot_bytes, head_bytes, C, h,              \
                            group_rows + first, count, slots, positions, prefix_slot,            \
-                           prefix_len, stride, N, scores, acc, out);                            \
+                           prefix_len, stride, N, space, out);                                  \
         else                                                                                    \
             attend_group_n(qkv, k_layer, v_layer, 0, slot_bytes, head_bytes, C, h,              \
                            group_rows + first, count, slots, positions, prefix_slot,            \
-                           prefix_len, stride, N, scores, acc, out);                            \
+                           prefix_len, stride, N, space, out);                                  \
         break;
             switch (D / 16) {
                 SHARED_CASE(2)

@@ -166,7 +166,9 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
         rows = max(settings.max_batch_size, settings.num_speculative_tokens + 1)
         force = settings.native_decode == "on"
         cache = resolve_kv_cache_dtype(kv_cache_dtype, dtype)
-        choose_native_decode(model, rows, force=force, kv_cache_dtype=cache)
+        choose_native_decode(
+            model, rows, force=force, kv_cache_dtype=cache, batch_rows=settings.max_batch_size
+        )
     if loaded.tokenizer_dir is not None:
         tokenizer = Tokenizer.for_model_dir(loaded.tokenizer_dir)
     else:

@@ -67,9 +67,10 @@ class Settings(BaseSettings):
         default="auto",
         description="CPU float32 and int8 (not batch-invariant): run decode steps of few rows "
         "as one C function compiled for this CPU at start-up (needs a C compiler; cached), and "
-        "batched steps' cache writes and int8 GELU through it. auto: the whole step for the row "
-        "counts where it is measured faster than torch; on: up to 16 rows, unmeasured; off: "
-        "torch only, nothing compiled",
+        "batched steps' cache writes, int8 GELU and attention (each row over only its own keys, "
+        "a shared prompt prefix read once) through it. auto: the whole step for the row counts, "
+        "and the attention, where measured faster than torch; on: up to 16 rows and the "
+        "attention, unmeasured; off: torch only, nothing compiled",
     )
     fast_decode: bool = Field(
         default=False,
