@@ -706,3 +706,23 @@ def test_compiled_shared_prefix_attention_reads_the_prefix_from_the_groups_slot(
     assert odd_store is not None and not odd_store.attends_shared()
     with pytest.raises(ValueError, match="no compiled shared-prefix attention"):
         odd_store.attend(torch.zeros(3, 3 * ODD.n_embd), 0)
+
+
+@pytest.mark.parametrize("config", [WIDE, HEAD96], ids=["head64", "head96"])
+def test_the_compiled_steps_attention_over_heads_of_its_vector_cases(config: GPTConfig) -> None:
+    """The compiled step attends through the same vector kernel as the batched steps where the
+    head size has a case (GPT-2's 64): its logits are still the torch step's."""
+    model = make_model(config, seed=21)
+    native = native_or_skip(model)
+    prompts = [list(range(1, 45)), list(range(60, 77)), [3, 4]]
+    ours, theirs = prefilled(model, prompts), prefilled(model, prompts)
+    reference = DecodeStep(model)
+    reference.compiled_attention = False
+    rows, positions = [1, 0, 2], [len(prompts[r]) for r in (1, 0, 2)]
+    with torch.inference_mode():
+        for extra in range(2):
+            where = [p + extra for p in positions]
+            got = native(ours, [9, 8, 7], rows, where)
+            expected = reference(theirs, [9, 8, 7], rows, where)
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(ours.k, theirs.k, rtol=0, atol=1e-5)

@@ -564,7 +564,8 @@ attend_wide_n(const float *q, const char *keys, const char *values, const int bf
     put_in_order(acc, n, bf16, 1.0f / total, out);
 }
 
-/* attend_wide_n with the head size and the cache's type known to the compiler */
+/* One row's attention for one head: attend_wide_n with the head size and the cache's type known
+ * to the compiler, or the plain loop for head sizes it has no case for */
 static void attend_wide(const float *q, const char *keys, const char *values, int bf16, int length,
                         int D, float *scores, float *out) {
 #define ATTEND_CASE(N)                                                                      \
@@ -669,13 +670,10 @@ int gptserve_decode(const Model *m, void *k_cache, void *v_cache, int kv_bf16, i
                 const size_t at = layer_at + (size_t)slots[r] * H * head_stride + h * head_stride;
                 const float *query = qkv + (size_t)r * 3 * C + h * D;
                 float *dst = att + (size_t)r * C + h * D;
-                if (kv_bf16)
-                    attend_bf16(query, (const unsigned short *)k_cache + at,
-                                (const unsigned short *)v_cache + at, positions[r] + 1, D,
-                                my_scores, dst);
-                else
-                    attend_f32(query, (const float *)k_cache + at, (const float *)v_cache + at,
-                               positions[r] + 1, D, my_scores, dst);
+                const size_t width = kv_bf16 ? 2 : 4;
+                attend_wide(query, (const char *)k_cache + at * width,
+                            (const char *)v_cache + at * width, kv_bf16, positions[r] + 1, D,
+                            my_scores, dst);
             }
 
             blocks = linear_partials(&b->out, att, rows, partials);
@@ -756,7 +754,6 @@ int gptserve_attend(const float *qkv, const void *k_cache, const void *v_cache, 
     const int H = n_head, D = head_dim, C = H * D;
     const size_t head_stride = (size_t)max_len * D, width = kv_bf16 ? 2 : 4;
     const size_t layer_at = (size_t)layer * num_slots * H * head_stride;
-    const int wide = D % 32 == 0 && D <= 128; /* attend_wide's cases */
 #pragma omp parallel num_threads(threads)
     {
         float *scores = workspace + (size_t)omp_get_thread_num() * gptserve_attend_floats(max_len, 0);
@@ -773,17 +770,9 @@ int gptserve_attend(const float *qkv, const void *k_cache, const void *v_cache, 
                                     h2 * head_stride) * width;
                 for (size_t b = 0; b < 16 * D * width; b += 64) __builtin_prefetch(next + b);
             }
-            if (wide)
-                attend_wide(query, (const char *)k_cache + at * width,
-                            (const char *)v_cache + at * width, kv_bf16, positions[r] + 1, D,
-                            scores, dst);
-            else if (kv_bf16)
-                attend_bf16(query, (const unsigned short *)k_cache + at,
-                            (const unsigned short *)v_cache + at, positions[r] + 1, D, scores,
-                            dst);
-            else
-                attend_f32(query, (const float *)k_cache + at, (const float *)v_cache + at,
-                           positions[r] + 1, D, scores, dst);
+            attend_wide(query, (const char *)k_cache + at * width,
+                        (const char *)v_cache + at * width, kv_bf16, positions[r] + 1, D, scores,
+                        dst);
         }
     }
     return 0;
