@@ -275,6 +275,8 @@ def _load() -> ctypes.CDLL:
     lib.gptserve_attend_shared.argtypes += [integer]
     lib.gptserve_attend_floats.restype = ctypes.c_size_t
     lib.gptserve_attend_floats.argtypes = [integer, integer]
+    lib.gptserve_argmax.restype = None
+    lib.gptserve_argmax.argtypes = [pointer, ctypes.c_long, ctypes.c_long, pointer]
     lib.gptserve_gelu.restype = None
     lib.gptserve_gelu.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
     logger.debug("native decode step loaded from %s", path)
@@ -520,6 +522,22 @@ def compiled_gelu() -> Callable[[torch.Tensor], torch.Tensor] | None:
 
 
 SharedRows = tuple[Sequence[int], int, int]  # rows of a step, the slot to read from, tokens
+
+
+def native_argmax(x: torch.Tensor) -> torch.Tensor | None:
+    """`x.argmax(dim=-1)` of a [R, V] float32 CPU tensor (ties: the lowest index; NaN: the first
+    NaN's), compiled; None where the library is off or cannot be built. Right after a decode
+    step, whose weight stream has pushed torch's code and data out of the caches, it takes
+    ~0.12 ms against ~0.33 for torch's ops (one row of 50,257)."""
+    lib = _load_once()
+    if isinstance(lib, NativeUnavailable):
+        return None
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or not x.shape[1]:
+        raise ValueError(f"a [rows, vocab] float32 CPU tensor, not {x.dtype} {tuple(x.shape)}")
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    lib.gptserve_argmax(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+    return out
 
 
 class KVStore:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.native_decode import native_argmax
 from model.sampling_params import SamplingParams
 
 # A cumulative probability within this of top_p counts as reaching it, so float32 rounding in
@@ -35,9 +36,19 @@ TOP_P_CANDIDATES = 1024
 ARGMAX_BLOCK = 1024
 
 
+# Up to this many rows a CPU argmax runs compiled (model.native_decode.native_argmax): one
+# pass, where torch's handful of ops each start cold after a decode step; from more rows, the
+# blocked torch path below (spread over the threads) is faster.
+NATIVE_ARGMAX_MAX_ROWS = 4
+
+
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """`x.argmax(dim=-1)` for [R, V] (ties: the lowest index), fast on long rows."""
     rows, vocab = x.shape
+    if rows <= NATIVE_ARGMAX_MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu":
+        chosen = native_argmax(x) if vocab else None
+        if chosen is not None:
+            return chosen
     if vocab < 4 * ARGMAX_BLOCK or x.device.type != "cpu":
         return x.argmax(dim=-1)
     full = vocab // ARGMAX_BLOCK * ARGMAX_BLOCK

@@ -557,6 +557,30 @@ def test_fast_argmax_equals_torch_argmax_with_ties() -> None:
     assert torch.equal(argmax_rows(short), short.argmax(dim=-1))
 
 
+def test_the_compiled_argmax_of_few_rows_equals_torchs() -> None:
+    """Rows of up to NATIVE_ARGMAX_MAX_ROWS go through the compiled argmax: ties, infinities and
+    NaNs as torch's argmax takes them, and odd lengths (the vector loop's tail)."""
+    from model.native_decode import native_argmax
+    from model.sampling import NATIVE_ARGMAX_MAX_ROWS, argmax_rows
+
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(NATIVE_ARGMAX_MAX_ROWS, 50257, generator=generator)
+    if native_argmax(x) is None:
+        pytest.skip("the compiled library is unavailable here")
+    x[0, 5], x[0, 40000] = 9.0, 9.0  # a tie: the lowest index
+    x[1, 50256] = float("inf")  # the last element, in the tail past the vectors
+    x[2, 17], x[2, 300] = float("nan"), float("nan")  # the first NaN, as torch's
+    x[3, :] = float("-inf")  # nothing but -inf: index 0
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+    for vocab in (1, 15, 16, 17, 101):  # shorter than a vector, exactly one, one over
+        short = torch.randn(2, vocab, generator=generator)
+        assert torch.equal(native_argmax(short), short.argmax(dim=-1))
+    strided = torch.randn(50257, 2, generator=generator).t()  # not contiguous
+    assert torch.equal(argmax_rows(strided), strided.argmax(dim=-1))
+    with pytest.raises(ValueError, match="float32"):
+        native_argmax(x.double())
+
+
 def test_bans_leave_raw_logprobs_alone() -> None:
     logits = torch.tensor([[5.0, 1.0, 0.0, -1.0]])
     params = SamplingParams(temperature=0.0, logprobs=2)

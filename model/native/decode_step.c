@@ -883,3 +883,40 @@ int gptserve_attend_shared(const float *qkv, const void *k_cache, const void *v_
     }
     return 0;
 }
+
+/* The index of each row's largest value (the first, on ties), for `rows` rows of `n` floats:
+ * greedy decoding's choice, in two vector passes over logits the step has just written (the
+ * maximum, then where it first is). torch's argmax path there takes ~0.3 ms: a handful of ops,
+ * each touching code and data that the weight stream has pushed out of the caches. A row with
+ * a NaN gives the first NaN's index, as torch's argmax does. */
+void gptserve_argmax(const float *x, long rows, long n, long *out) {
+    for (long r = 0; r < rows; r++) {
+        const float *row = x + r * n;
+        floats16 tops = splat(-INFINITY);
+        ints16 nan = {0};
+        long i = 0;
+        for (; i + 16 <= n; i += 16) {
+            floats16 v;
+            memcpy(&v, row + i, sizeof v);
+            nan |= v != v;
+            tops = pick(v > tops, v, tops);
+        }
+        float top = -INFINITY;
+        int any_nan = 0;
+        for (int l = 0; l < 16; l++) {
+            top = tops[l] > top ? tops[l] : top;
+            any_nan |= nan[l];
+        }
+        for (; i < n; i++) {
+            top = row[i] > top ? row[i] : top;
+            any_nan |= row[i] != row[i];
+        }
+        long best = 0;
+        for (i = 0; i < n; i++) /* the first NaN, else the first maximum */
+            if (any_nan ? row[i] != row[i] : row[i] == top) {
+                best = i;
+                break;
+            }
+        out[r] = best;
+    }
+}
