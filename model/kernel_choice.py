@@ -222,7 +222,11 @@ def choose_native_decode(
     attention = None
     batch_rows = max_rows if batch_rows is None else batch_rows
     if batch_rows > 1:  # steps of one row never attend in a batch
-        attention = time_batched_attention(config, min(batch_rows, KV_PROBE_ROWS), kv_cache_dtype)
+        try:
+            rows = min(batch_rows, KV_PROBE_ROWS)
+            attention = time_batched_attention(config, rows, kv_cache_dtype)
+        except NativeUnavailable as exc:
+            logger.info("batched attention: torch (%s)", exc)
     attend = attention is not None and attention[1] < attention[0]
     counts = [r for r in NATIVE_ROW_COUNTS if r <= min(max(1, max_rows), native.max_rows)]
     cache = KVCache(config, counts[-1], length, dtype=kv_cache_dtype)
@@ -268,7 +272,7 @@ def time_batched_attention(
     for tensor in (cache.k, cache.v):
         tensor.copy_(torch.randn(tensor.shape, generator=generator))
     slots = list(range(rows))
-    positions = [keys - 1 - row % 8 for row in slots]
+    positions = [max(0, keys - 1 - row % 8) for row in slots]
     qkv = torch.randn(rows, 3 * config.n_embd, generator=generator)
     query = qkv[:, : config.n_embd].reshape(rows, config.n_head, 1, config.head_dim)
     query = query.to(kv_cache_dtype)

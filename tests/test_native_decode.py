@@ -726,3 +726,16 @@ def test_the_compiled_steps_attention_over_heads_of_its_vector_cases(config: GPT
             expected = reference(theirs, [9, 8, 7], rows, where)
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
     torch.testing.assert_close(ours.k, theirs.k, rtol=0, atol=1e-5)
+
+
+def test_without_the_compiled_attention_the_batched_steps_keep_torchs(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = make_model(WIDE, seed=22)
+    native_or_skip(model)
+    monkeypatch.setattr(KVStore, "for_step", classmethod(lambda cls, *args: None))
+    with caplog.at_level(logging.INFO, logger="model.kernel_choice"):
+        route = choose_native_decode(model, max_rows=4)
+    assert "batched attention: torch (the compiled attention does not take" in caplog.text
+    assert route is None or (route.attention_timings is None and not route.attention)
+    assert not DecodeStep(model).compiled_attention
