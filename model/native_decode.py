@@ -620,13 +620,10 @@ class KVStore:
         if not 0 <= layer < self.n_layer:
             raise ValueError(f"layer {layer} outside the cache's {self.n_layer}")
 
-    def __call__(self, qkv: torch.Tensor, layer: int) -> None:
-        """Store the keys and values of `qkv` (rows, 3C), float32, in layer `layer`."""
-        self._check(qkv, layer)
-        qkv = qkv.contiguous()
+    def _cache_args(self, layer: int) -> tuple[int, ...]:
+        """The cache and layer arguments every library call here starts with, after qkv."""
         cache = self.cache
-        self.lib.gptserve_store_kv(
-            qkv.data_ptr(),
+        return (
             cache.k.data_ptr(),
             cache.v.data_ptr(),
             int(cache.k.dtype == torch.bfloat16),
@@ -635,9 +632,14 @@ class KVStore:
             cache.max_seq_len,
             self.n_head,
             self.head_dim,
-            self.rows,
-            self._slots,
-            self._positions,
+        )
+
+    def __call__(self, qkv: torch.Tensor, layer: int) -> None:
+        """Store the keys and values of `qkv` (rows, 3C), float32, in layer `layer`."""
+        self._check(qkv, layer)
+        qkv = qkv.contiguous()
+        self.lib.gptserve_store_kv(
+            qkv.data_ptr(), *self._cache_args(layer), self.rows, self._slots, self._positions
         )
 
     def attend(self, qkv: torch.Tensor, layer: int) -> torch.Tensor:
@@ -649,24 +651,13 @@ class KVStore:
             raise ValueError(f"no compiled shared-prefix attention for heads of {self.head_dim}")
         qkv = qkv.contiguous()
         out = torch.empty(self.rows, self.n_head * self.head_dim, dtype=torch.float32)
-        cache = self.cache
         threads = max(1, torch.get_num_threads())
-        floats = threads * self.lib.gptserve_attend_floats(
-            cache.max_seq_len, int(bool(self._groups))
-        )
-        if self._workspace is None or self._workspace.numel() < floats:  # kept for every layer
-            self._workspace = torch.empty(floats, dtype=torch.float32)
+        if self._workspace is None:  # sized once, kept for every layer of the step
+            shared = int(bool(self._groups))
+            floats = self.lib.gptserve_attend_floats(self.cache.max_seq_len, shared)
+            self._workspace = torch.empty(threads * floats, dtype=torch.float32)
         workspace = self._workspace.data_ptr()
-        where = (
-            cache.k.data_ptr(),
-            cache.v.data_ptr(),
-            int(cache.k.dtype == torch.bfloat16),
-            layer,
-            cache.num_slots,
-            cache.max_seq_len,
-            self.n_head,
-            self.head_dim,
-        )
+        where = self._cache_args(layer)
         rest = self._rest
         if rest is None or len(rest):
             count = self.rows if rest is None else len(rest)

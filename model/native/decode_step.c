@@ -90,6 +90,12 @@ size_t gptserve_workspace_floats(const Model *m, int rows, int max_len, int thre
            + 64;                        /* alignment slack */
 }
 
+/* exp(r) for the reduced argument |r| <= ln(2)/2, in Horner form; r a float or a floats16 */
+#define EXP_POLY(r)                                                                             \
+    ((((((1.9875691500e-4f * (r) + 1.3981999507e-3f) * (r) + 8.3334519073e-3f) * (r) +          \
+        4.1665795894e-2f) * (r) + 1.6666665459e-1f) * (r) + 5.0000001201e-1f) * (r) * (r) +     \
+     (r) + 1.0f)
+
 /* exp(x) for the softmax: Cody-Waite range reduction and a degree-6 polynomial. Relative error
  * ~2e-7 over the clamped range; below it the result is ~1e-38 instead of 0, which no sum
  * notices. exp16 below is the same on 16 floats at a time (the bit cast here keeps compilers
@@ -99,13 +105,7 @@ static inline float exp_approx(float x) {
     float n = floorf(x * 1.44269504088896341f + 0.5f);
     float r = x - n * 0.693359375f;
     r = r + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    const float p = EXP_POLY(r);
     union { int i; float f; } scale;
     scale.i = ((int)n + 127) << 23;
     return p * scale.f;
@@ -140,14 +140,7 @@ static inline floats16 exp16(floats16 x) {
     const floats16 n = __builtin_convertvector(whole, floats16);
     floats16 r = x - n * 0.693359375f;
     r = r + n * 2.12194440e-4f;
-    floats16 p = splat(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    return p * (floats16)((whole + 127) << 23);
+    return EXP_POLY(r) * (floats16)((whole + 127) << 23);
 }
 
 static void gelu_range(float *restrict x, int n) {
