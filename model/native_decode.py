@@ -30,6 +30,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -53,6 +54,11 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "native" / "decode_step.c"
 ABI = 2  # GPTSERVE_NATIVE_ABI in the source: the structs below match that version
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
+if platform.machine().lower() in ("x86_64", "amd64"):
+    # For recent Intel cores GCC and clang vectorise the `omp simd` loops (those that stream the
+    # weights) with 256-bit vectors unless told otherwise; with 512-bit ones a one-row step of
+    # gpt2 took ~15.0 instead of ~16.2 ms on an AVX-512 Xeon. Without AVX-512 it changes nothing.
+    CFLAGS += ("-mprefer-vector-width=512",)
 BUILD_TIMEOUT_S = 120
 STALE_BUILD_S = 7 * 24 * 3600  # other builds untouched this long are removed after a build
 
