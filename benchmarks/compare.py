@@ -18,10 +18,15 @@ Each row's ratio columns divide gptserve's figure (the first `ours*` row) by tha
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -50,33 +55,64 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def read_bandwidth_gb_s(size_mb: int = 1024, repeats: int = 5) -> float:
-    """Memory read bandwidth with this machine's threads: the best of `repeats` passes over
-    `size_mb` of float32 by each of three readers (torch's sum, and a one-row matrix-vector
-    product over the same bytes as a row-major and as a column-major matrix, as a decode step
-    reads its weights). A reader that streams worse only lowers its own figure, so the best is
-    the closest to what the memory can give; torch's sum alone read 2-20% below what the
-    matrix-vector products reach here, and the servers' one-stream figures then came out above
-    that 'bound'."""
+def read_bandwidth_gb_s(size_mb: int = 1024, repeats: int = 5) -> tuple[float, str]:
+    """Memory read bandwidth with this machine's threads, and the reader that reached it: the
+    best of `repeats` passes over `size_mb` of float32 by each reader. The readers are torch's
+    sum, a one-row matrix-vector product over the same bytes as a row-major and as a
+    column-major matrix (as a decode step reads its weights), and, where a C compiler is
+    found, read_bandwidth.c reading each thread's share as 1, 2, 4 or 8 streams side by side.
+    A reader that streams worse only lowers its own figure, so the best is the closest to what
+    the memory can give. Here torch's sum read 2-20% below the matrix-vector products, and
+    those ~6% below four streams a thread; with only the slower readers, the servers'
+    one-stream figures came out above the 'bound'."""
     numel = size_mb * 2**20 // 4
     data = torch.ones(numel)
     columns = 1024
     matrix = data[: numel // columns * columns].view(-1, columns)  # (rows, 1024), row-major
     transposed = matrix.t()  # a column-major view of the same bytes
     by_row, by_column = torch.ones(columns), torch.ones(matrix.shape[0])
-    readers = (
-        data.sum,
-        lambda: torch.mv(matrix, by_row),
-        lambda: torch.mv(transposed, by_column),
-    )
-    best = float("inf")
-    for read in readers:
+    readers: dict[str, Callable[[], object]] = {
+        "torch sum": data.sum,
+        "matrix-vector (rows)": lambda: torch.mv(matrix, by_row),
+        "matrix-vector (columns)": lambda: torch.mv(transposed, by_column),
+    }
+    library = _compiled_reader()
+    if library is not None:
+        for streams in (1, 2, 4, 8):
+            readers[f"{streams} streams a thread"] = functools.partial(
+                library.read_streams, data.data_ptr(), numel, streams
+            )
+    best, best_name = float("inf"), ""
+    for name, read in readers.items():
         read()
         for _ in range(repeats):
             started = time.perf_counter()
             read()
-            best = min(best, time.perf_counter() - started)
-    return data.numel() * 4 / best / 1e9
+            took = time.perf_counter() - started
+            if took < best:
+                best, best_name = took, name
+    return data.numel() * 4 / best / 1e9, best_name
+
+
+def _compiled_reader() -> ctypes.CDLL | None:
+    """read_bandwidth.c built for this CPU in a temporary folder, or None without a compiler
+    (the readers above then set the bound alone)."""
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        return None
+    source = Path(__file__).resolve().parent / "read_bandwidth.c"
+    target = Path(tempfile.mkdtemp(prefix="gptserve-bench-")) / "read_bandwidth.so"
+    flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+    try:
+        subprocess.run([compiler, *flags, str(source), "-o", str(target)], check=True,
+                       capture_output=True, timeout=120)  # fmt: skip
+        library = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"# the compiled memory reader is not used: {exc}")
+        return None
+    library.read_streams.restype = ctypes.c_float
+    library.read_streams.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
+    return library
 
 
 def model_weight_bytes(model: str) -> int:
@@ -212,10 +248,10 @@ def main() -> int:
     print(f"# machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
     bound = None
     if args.workload == "decode" and (PEERS / model).is_dir():
-        bandwidth = read_bandwidth_gb_s()
+        bandwidth, reader = read_bandwidth_gb_s()
         weight_bytes = model_weight_bytes(model)
         print(
-            f"# memory read bandwidth {bandwidth:.1f} GB/s (the best of three readers); "
+            f"# memory read bandwidth {bandwidth:.1f} GB/s (the best reader: {reader}); "
             f"float32 weights {weight_bytes / 1e6:.0f} MB "
             f"per token: one stream can do at most {bandwidth * 1e9 / weight_bytes:.1f} tok/s"
         )
