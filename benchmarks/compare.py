@@ -101,15 +101,16 @@ def _compiled_reader() -> ctypes.CDLL | None:
     if compiler is None:
         return None
     source = Path(__file__).resolve().parent / "read_bandwidth.c"
-    target = Path(tempfile.mkdtemp(prefix="gptserve-bench-")) / "read_bandwidth.so"
     flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
-    try:
-        subprocess.run([compiler, *flags, str(source), "-o", str(target)], check=True,
-                       capture_output=True, timeout=120)  # fmt: skip
-        library = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as exc:
-        print(f"# the compiled memory reader is not used: {exc}")
-        return None
+    with tempfile.TemporaryDirectory(prefix="gptserve-bench-") as folder:
+        target = Path(folder) / "read_bandwidth.so"
+        try:
+            subprocess.run([compiler, *flags, str(source), "-o", str(target)], check=True,
+                           capture_output=True, timeout=120)  # fmt: skip
+            library = ctypes.CDLL(str(target))  # stays loaded after the file is removed
+        except (OSError, subprocess.SubprocessError) as exc:
+            print(f"# the compiled memory reader is not used: {exc}")
+            return None
     library.read_streams.restype = ctypes.c_float
     library.read_streams.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
     return library
