@@ -66,7 +66,8 @@ class Settings(BaseSettings):
     native_decode: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="CPU float32 and int8 (not batch-invariant): run decode steps of few rows "
-        "as one C function compiled for this CPU at start-up (needs a C compiler; cached), and "
+        "as one C function compiled for this CPU at start-up (needs a C compiler, else a build "
+        "made in advance for the CPU's level, as in the container image; cached), and "
         "batched steps' cache writes, int8 GELU and attention (each row over only its own keys, "
         "a shared prompt prefix read once) through it. auto: the whole step for the row counts, "
         "and the attention, where measured faster than torch; on: up to 16 rows and the "
