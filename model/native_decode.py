@@ -770,7 +770,8 @@ class NativeRoute:
     def describe(self) -> str:
         """One phrase for the start-up line."""
         steps = (
-            f"compiled {library_origin()} up to {self.max_rows} rows, torch beyond"
+            f"compiled {library_origin()} up to {self.max_rows} "
+            f"{'row' if self.max_rows == 1 else 'rows'}, torch beyond"
             if self.max_rows
             else "torch"
         )

@@ -414,7 +414,7 @@ def test_start_up_choice_is_measured_and_takes_the_winning_row_counts() -> None:
         assert route.max_rows == 0 and route.attention
         return
     assert route.max_rows in wins and all(r in wins for r in route.timings if r <= route.max_rows)
-    assert route.describe().startswith(f"compiled for this CPU up to {route.max_rows} rows")
+    assert route.describe().startswith(f"compiled for this CPU up to {route.max_rows} row")
 
 
 def test_forced_takes_every_row_count_it_can() -> None:
@@ -760,6 +760,7 @@ def test_a_route_names_what_it_compiles() -> None:
     native = native_or_skip(model)
     assert NativeRoute(native, 0, attention=True).describe() == "torch, batched attention compiled"
     assert NativeRoute(native, 4).describe() == "compiled for this CPU up to 4 rows, torch beyond"
+    assert NativeRoute(native, 1).describe() == "compiled for this CPU up to 1 row, torch beyond"
     assert NativeRoute(native, 4, attention=True).describe() == (
         "compiled for this CPU up to 4 rows, torch beyond, batched attention compiled"
     )
