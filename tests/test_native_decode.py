@@ -479,11 +479,71 @@ def dequantized(model: GPT) -> GPT:
     return reference
 
 
-def test_int8_weights_are_computed_as_their_float_values() -> None:
-    """int8 layers: the stored integers times their scales, in float32 (no activation
-    quantization), so the logits are those of the dequantized float model."""
+class EightBitRows(torch.nn.Module):
+    """An int8 layer as the int8 dot products compute it: each row of activations rounded to
+    8 bits on its own scale (max|x| / 127), exact integer sums, then the step, the weights'
+    scales and the bias, in that order, in float32."""
+
+    def __init__(self, integers: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.integers, self.scales, self.bias = integers.double(), scales.float(), bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top = x.abs().amax(dim=-1, keepdim=True)
+        q = torch.round(x * torch.where(top > 0, 127.0 / top, torch.zeros_like(top)))
+        y = (q.double() @ self.integers.t()).float() * (top / 127.0) * self.scales
+        return y if self.bias is None else y + self.bias
+
+
+def eight_bit_reference(model: GPT) -> GPT:
+    """A float32 copy of an int8 model whose linear layers compute as EightBitRows."""
+    reference = dequantized(model)
+    for name, module in model.named_modules():
+        packed = getattr(module, "_packed_params", None)
+        if isinstance(packed, torch.nn.Module):
+            weight, bias = packed._weight_bias()
+            parent, _, child = name.rpartition(".")
+            layer = EightBitRows(weight.int_repr(), weight.q_per_channel_scales(), bias)
+            setattr(reference.get_submodule(parent) if parent else reference, child, layer)
+    return reference
+
+
+def test_int8_dot_products_round_each_row_of_activations_to_8_bits() -> None:
+    """With the CPU's int8 dot products (AVX512-VNNI): the logits of the same int8 layers with
+    each row's activations rounded to 8 bits on its own scale, whatever the other rows hold."""
     model = quantize_int8(odd_model(seed=12))
-    native = native_or_skip(model)
+    native_or_skip(model)
+    if not native_decode.load_library().gptserve_int8_dot():
+        pytest.skip("this build has no int8 dot products (AVX512-VNNI)")
+    native = NativeDecode(model, int8_dot=True)
+    reference = DecodeStep(eight_bit_reference(model))
+    prompts = [[(5 * i + j) % 101 for j in range(2 + 3 * i)] for i in range(5)]
+    ours = prefilled(dequantized(model), prompts)
+    theirs = prefilled(dequantized(model), prompts)
+    alone = None
+    for rows in ([0], [1, 3, 4], [0, 1, 2, 3, 4]):
+        tokens = [(11 * row + 2) % 101 for row in rows]
+        positions = [len(prompts[row]) for row in rows]
+        with torch.inference_mode():
+            expected = reference(theirs, tokens, rows, positions)
+            got = native(ours, tokens, rows, positions)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+        if rows == [0]:
+            alone = got[0]
+        for row, token in zip(rows, tokens, strict=True):
+            prompts[row].append(token)
+    assert alone is not None
+    far = (dequantized(model)(torch.tensor([prompts[0][:-1]]))[0, -1] - alone).abs().max()
+    assert 1e-4 < far < 0.5  # the activations' rounding shows, and stays small
+
+
+def test_int8_weights_are_computed_as_their_float_values() -> None:
+    """int8 layers without the int8 dot products: the stored integers times their scales, in
+    float32 (no activation quantization), so the logits are those of the dequantized float
+    model."""
+    model = quantize_int8(odd_model(seed=12))
+    native_or_skip(model)
+    native = NativeDecode(model, int8_dot=False)
     reference = DecodeStep(dequantized(model))
     prompts = [[(5 * i + j) % 101 for j in range(2 + 3 * i)] for i in range(5)]
     ours = prefilled(dequantized(model), prompts)

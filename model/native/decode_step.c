@@ -18,10 +18,14 @@
  * hardware prefetchers do best.
  *
  * int8 weights (model/quantize.py: integers per output channel times a scale) are read as int8,
- * one byte per weight, widened to float32 in registers; the activations stay float32 (torch's
- * int8 kernels quantize them too), so the step computes exactly what a float32 model with the
- * dequantized weights would. The KV cache may be float32 or bfloat16 (rounded to nearest even on
- * the way in, as torch rounds).
+ * one byte per weight. Where the CPU has int8 dot products (AVX512-VNNI) and the caller asks for
+ * them (Linear.int8_dot), each row of activations is rounded to 8 bits on its own scale
+ * (max|x| / 127; torch's int8 layers use one 7-bit scale for the whole batch) and multiplied
+ * with them, 64 weights an instruction: reading the weights, not widening them, then sets the
+ * pace. Otherwise the weights are widened to float32 in registers and the activations stay
+ * float32, so the step computes exactly what a float32 model with the dequantized weights
+ * would. The KV cache may be float32 or bfloat16 (rounded to nearest even on the way in, as
+ * torch rounds).
  *
  * Everything is computed in float32 with the same formulas as model/gpt2.py (tanh GELU, the
  * LayerNorm's biased variance, attention scaled by 1/sqrt(head_dim)); only the order of the
@@ -35,7 +39,15 @@
 #include <stddef.h>
 #include <string.h>
 
-#define GPTSERVE_NATIVE_ABI 2
+/* int8 weights through the CPU's int8 dot products (AVX512-VNNI) where it has them */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define INT8_DOT 1
+#else
+#define INT8_DOT 0
+#endif
+
+#define GPTSERVE_NATIVE_ABI 3
 #define MAX_ROWS 16
 #define TILE_BYTES (256 * 1024) /* a column-major band's partial outputs kept per pass */
 
@@ -47,6 +59,11 @@ typedef struct {
      * the stored integers */
     const signed char *qweight;
     const float *scales;
+    /* int8_dot: qweight is (out, in) row-major instead, wsum[o] the sum of row o's integers,
+     * and the activations are rounded to 8 bits per row to multiply with the CPU's int8 dot
+     * products (only where gptserve_int8_dot() says the build has them) */
+    const int *wsum;
+    int int8_dot;
 } Linear;
 
 typedef struct {
@@ -70,6 +87,7 @@ typedef struct {
 enum Epilogue { STORE, GELU, ADD_TO };
 
 int gptserve_native_abi(void) { return GPTSERVE_NATIVE_ABI; }
+int gptserve_int8_dot(void) { return INT8_DOT; }
 int gptserve_max_rows(void) { return MAX_ROWS; }
 
 static int max_out(const Model *m) {
@@ -87,6 +105,7 @@ size_t gptserve_workspace_floats(const Model *m, int rows, int max_len, int thre
            + r * 4 * c       /* GELU(up) */
            + t * r * (size_t)max_out(m) /* partial outputs of the linears */
            + t * (size_t)max_len        /* attention scores */
+           + t * (r * c + r + 16)       /* each thread's 8-bit activations (int8_dot) */
            + 64;                        /* alignment slack */
 }
 
@@ -285,12 +304,88 @@ static void row_band(const Linear *L, const float *x, int rows, float *result, i
     }
 }
 
+#if INT8_DOT
+/* Rows of x (rows, in) rounded to 8 bits, each on its own scale: q = round(x * 127 / max|x|) +
+ * 128, in 1..255 (unsigned, as the dot product instruction takes them), and the row's step
+ * max|x| / 127 into steps[r]. */
+static void quantize_rows(const float *x, int rows, int in, unsigned char *q, float *steps) {
+    for (int r = 0; r < rows; r++) {
+        const float *row = x + (size_t)r * in;
+        float top = 0.0f;
+        for (int i = 0; i < in; i++) top = fmaxf(top, fabsf(row[i]));
+        const float inv = top > 0.0f ? 127.0f / top : 0.0f;
+        steps[r] = top / 127.0f;
+        unsigned char *qr = q + (size_t)r * in;
+        for (int i = 0; i < in; i++) qr[i] = (unsigned char)((int)nearbyintf(row[i] * inv) + 128);
+    }
+}
+
+/* N (a constant where inlined) int8 weight rows from w (stride in) against one row of 8-bit
+ * activations: the integer dot products, less 128 times the rows' sums, times the step. */
+static inline __attribute__((always_inline)) void
+int8_dots(const signed char *w, int in, const int *wsum, const unsigned char *q, float step,
+          const int N, float *dst) {
+    __m512i acc[4];
+    for (int j = 0; j < N; j++) acc[j] = _mm512_setzero_si512();
+    int i = 0;
+    for (; i + 64 <= in; i += 64) {
+        const __m512i xv = _mm512_loadu_si512(q + i);
+        for (int j = 0; j < N; j++)
+            acc[j] = _mm512_dpbusd_epi32(acc[j], xv, _mm512_loadu_si512(w + (size_t)j * in + i));
+    }
+    if (i < in) {
+        const __mmask64 m = ~0ULL >> (64 - (in - i));
+        const __m512i xv = _mm512_maskz_loadu_epi8(m, q + i);
+        for (int j = 0; j < N; j++)
+            acc[j] = _mm512_dpbusd_epi32(acc[j], xv,
+                                         _mm512_maskz_loadu_epi8(m, w + (size_t)j * in + i));
+    }
+    for (int j = 0; j < N; j++)
+        dst[j] = (float)(_mm512_reduce_add_epi32(acc[j]) - 128 * wsum[j]) * step;
+}
+
+/* Row-major int8 with the dot products: the outputs [o0, o1), four weight rows at a time, into
+ * result (rows, out), before their scales and biases (linear_finish applies them). */
+static void int8_row_band(const Linear *L, const unsigned char *q, const float *steps, int rows,
+                          float *result, int o0, int o1) {
+    const int in = L->in_features, out = L->out_features;
+    int o = o0;
+    for (; o + 4 <= o1; o += 4)
+        for (int r = 0; r < rows; r++)
+            int8_dots(L->qweight + (size_t)o * in, in, L->wsum + o, q + (size_t)r * in, steps[r],
+                      4, result + (size_t)r * out + o);
+    for (; o < o1; o++)
+        for (int r = 0; r < rows; r++)
+            int8_dots(L->qweight + (size_t)o * in, in, L->wsum + o, q + (size_t)r * in, steps[r],
+                      1, result + (size_t)r * out + o);
+}
+#endif
+
 /* x (rows, in) through a linear layer, inside the parallel region: every thread computes its
  * band into `partials` (one block of rows * out per thread); returns how many blocks hold
  * partial sums (the threads' count for column-major, 1 for row-major, whose threads each
  * write final sums for their outputs into the first block). Ends with a barrier. */
-static int linear_partials(const Linear *L, const float *x, int rows, float *partials) {
+static int linear_partials(const Linear *L, const float *x, int rows, float *partials,
+                           float *scratch) {
     const int thread = omp_get_thread_num(), threads = omp_get_num_threads();
+#if INT8_DOT
+    if (L->int8_dot) { /* each thread rounds the rows itself: cheaper than a barrier */
+        const int out = L->out_features;
+        float *steps = scratch;
+        unsigned char *q = (unsigned char *)(scratch + 16 * ((rows + 15) / 16));
+        quantize_rows(x, rows, L->in_features, q, steps);
+        int band = (out + threads - 1) / threads;
+        band = (band + 15) & ~15;
+        int o0 = thread * band, o1 = o0 + band;
+        if (o1 > out) o1 = out;
+        if (o0 > out) o0 = out;
+        int8_row_band(L, q, steps, rows, partials, o0, o1);
+#pragma omp barrier
+        return 1;
+    }
+#else
+    (void)scratch;
+#endif
     if (L->column_major || L->qweight) {
         const int in = L->in_features;
         int band = (in + threads - 1) / threads;
@@ -619,6 +714,7 @@ int gptserve_decode(const Model *m, void *k_cache, void *v_cache, int kv_bf16, i
     float *act = att + (size_t)rows * C;
     float *partials = act + (size_t)rows * 4 * C;
     float *scores = partials + (size_t)threads * rows * max_out(m);
+    float *int8_scratch = scores + (size_t)threads * max_len;
     const size_t head_stride = (size_t)max_len * D;
     const size_t layer_stride = (size_t)num_slots * H * head_stride;
 
@@ -627,6 +723,7 @@ int gptserve_decode(const Model *m, void *k_cache, void *v_cache, int kv_bf16, i
         const int thread = omp_get_thread_num();
         float *norm = norms + (size_t)thread * rows * C;
         float *my_scores = scores + (size_t)thread * max_len;
+        float *q8 = int8_scratch + (size_t)thread * ((size_t)rows * C + rows + 16);
 
 #pragma omp for schedule(static)
         for (int r = 0; r < rows; r++) {
@@ -646,7 +743,7 @@ int gptserve_decode(const Model *m, void *k_cache, void *v_cache, int kv_bf16, i
             const size_t layer_at = l * layer_stride;
 
             layer_norm(x, norm, rows, C, b->ln_1_weight, b->ln_1_bias, m->eps);
-            int blocks = linear_partials(&b->qkv, norm, rows, partials);
+            int blocks = linear_partials(&b->qkv, norm, rows, partials, q8);
             linear_finish(&b->qkv, partials, blocks, rows, qkv, STORE);
 
             /* every row's key and value into the cache, before anyone attends */
@@ -669,18 +766,18 @@ int gptserve_decode(const Model *m, void *k_cache, void *v_cache, int kv_bf16, i
                             my_scores, dst);
             }
 
-            blocks = linear_partials(&b->out, att, rows, partials);
+            blocks = linear_partials(&b->out, att, rows, partials, q8);
             linear_finish(&b->out, partials, blocks, rows, x, ADD_TO);
 
             layer_norm(x, norm, rows, C, b->ln_2_weight, b->ln_2_bias, m->eps);
-            blocks = linear_partials(&b->up, norm, rows, partials);
+            blocks = linear_partials(&b->up, norm, rows, partials, q8);
             linear_finish(&b->up, partials, blocks, rows, act, GELU);
-            blocks = linear_partials(&b->down, act, rows, partials);
+            blocks = linear_partials(&b->down, act, rows, partials, q8);
             linear_finish(&b->down, partials, blocks, rows, x, ADD_TO);
         }
 
         layer_norm(x, norm, rows, C, m->ln_f_weight, m->ln_f_bias, m->eps);
-        const int blocks = linear_partials(&m->head, norm, rows, partials);
+        const int blocks = linear_partials(&m->head, norm, rows, partials, q8);
         linear_finish(&m->head, partials, blocks, rows, logits, STORE);
     }
     return 0;
