@@ -21,7 +21,8 @@ cache folder keyed by the source, the compiler and the CPU's flags, so later sta
 wheels load (torch/lib/libgomp.so.1), so both share one team of threads; a torch that ships its
 libgomp under another name would give it a second team (slower, not wrong). Where there is no
 compiler (the container image), a portable build made in advance for a CPU level this CPU
-supports (x86-64-v4 or v3, `python -m model.native_prebuild`) is loaded instead. Where there is
+supports (x86-64-v4 with or without VNNI, or v3; `python -m model.native_prebuild`) is loaded
+instead. Where there is
 neither, the build fails, or the model is one it does not cover (not float32 on the CPU,
 batch-invariant linears, a float16 KV cache), `NativeUnavailable` says why and the torch decode
 step (model.decode) runs as before: it stays the reference this one is tested against (logits
@@ -70,9 +71,16 @@ BUILD_TIMEOUT_S = 120
 # makes them into PREBUILT, which is not in git.
 PREBUILT = Path(__file__).parent / "native" / "prebuilt"
 _AVX2 = ("avx2", "fma", "bmi1", "bmi2", "f16c", "movbe")
+_AVX512 = _AVX2 + ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")
 PORTABLE_TARGETS: dict[str, tuple[str, ...]] = {
-    "x86-64-v4": _AVX2 + ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
+    "x86-64-v4-vnni": _AVX512 + ("avx512_vnni",),  # the int8 dot products too
+    "x86-64-v4": _AVX512,
     "x86-64-v3": _AVX2,
+}
+_TARGET_FLAGS = {
+    "x86-64-v4-vnni": ("-march=x86-64-v4", "-mavx512vnni"),
+    "x86-64-v4": ("-march=x86-64-v4",),
+    "x86-64-v3": ("-march=x86-64-v3",),
 }
 STALE_BUILD_S = 7 * 24 * 3600  # other builds untouched this long are removed after a build
 
@@ -210,15 +218,18 @@ def prebuilt_path(target: str, folder: Path | None = None) -> Path:
 
 
 def build_portable(target: str, folder: Path | None = None, compiler: str | None = None) -> Path:
-    """Compile the source for every CPU of a `-march` level (a PORTABLE_TARGETS key) rather
-    than for this one, into `folder` (the package's prebuilt folder by default): what an image
-    without a C compiler loads (see find_prebuilt). The compiling machine's CPU may lack the
-    level's instructions; the build does not run anything."""
+    """Compile the source for every CPU of a level (a PORTABLE_TARGETS key: an x86-64 level,
+    or x86-64-v4-vnni, which adds AVX512-VNNI) rather than for this CPU, into `folder` (the
+    package's prebuilt folder by default): what an image without a C compiler loads (see
+    find_prebuilt). The compiling machine's CPU may lack the level's instructions; the build
+    does not run anything."""
     if target not in PORTABLE_TARGETS:
         raise ValueError(f"unknown target {target!r}; known: {', '.join(PORTABLE_TARGETS)}")
     path = prebuilt_path(target, folder)
     path.parent.mkdir(parents=True, exist_ok=True)
-    flags = tuple(f"-march={target}" if flag == "-march=native" else flag for flag in CFLAGS)
+    flags: list[str] = []
+    for flag in CFLAGS:
+        flags += _TARGET_FLAGS[target] if flag == "-march=native" else (flag,)
     _compile(compiler or _compiler(), flags, path)
     return path
 

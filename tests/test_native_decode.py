@@ -338,6 +338,11 @@ def test_prebuilt_builds_a_cpu_cannot_run_or_of_another_source_are_passed_over(
     def cpu(*flags: str) -> None:
         monkeypatch.setattr(native_decode, "_cpu_flags", lambda: " ".join(flags))
 
+    cpu(*PORTABLE_TARGETS["x86-64-v4-vnni"], "sse4_2")
+    assert find_prebuilt(tmp_path) == ("x86-64-v4", v4)  # no VNNI build there: the next best
+    vnni = prebuilt_path("x86-64-v4-vnni", tmp_path)
+    vnni.write_bytes(b"not loaded: only found")
+    assert find_prebuilt(tmp_path) == ("x86-64-v4-vnni", vnni)
     cpu(*PORTABLE_TARGETS["x86-64-v4"], "sse4_2")
     assert find_prebuilt(tmp_path) == ("x86-64-v4", v4)
     cpu(*PORTABLE_TARGETS["x86-64-v3"], "avx512f")  # AVX-512 without the rest of level 4
