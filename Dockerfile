@@ -74,8 +74,8 @@ RUN set -eu; \
     /opt/venv/bin/pip install --no-cache-dir "$@" "/src[$EXTRAS]"; \
     /opt/venv/bin/python -c "import model, service.api.app"
 
-# The compiled CPU decode step (model/native_decode.py), built here for x86-64-v3 (AVX2),
-# x86-64-v4 (AVX-512) and x86-64-v4 with AVX512-VNNI (int8) into the installed package: the final image has no C compiler, and at
+# The compiled CPU decode step (model/native_decode.py), built here into the installed
+# package for x86-64-v3 (AVX2), x86-64-v4 (AVX-512) and x86-64-v4 with AVX512-VNNI (int8): the final image has no C compiler, and at
 # start-up takes the best of these that its CPU runs. Online, a builder without a compiler gets
 # gcc from apt; offline, a BUILDER_IMAGE with gcc has to supply it. Otherwise the image runs
 # torch's decode step on CPUs, and says so in its start-up line. (Unpinned: any gcc of the
