@@ -10,7 +10,7 @@ parallel region (see its header), reading the weights where torch keeps them, in
 int8 models (model.quantize) run on the same integers and scales, read one byte per weight.
 Where the build has the CPU's int8 dot products (AVX512-VNNI), each row's activations are
 rounded to 8 bits on their own scale and multiplied with them (torch's int8 layers round the
-whole batch on one 7-bit scale): one gpt2 token took ~2.9 ms against torch's ~5.7 on an
+whole batch on one 7-bit scale): one gpt2 token took ~2.7 ms against torch's ~5.7 on an
 AVX-512 Xeon. Elsewhere the weights are widened to float32 in registers: the logits of the
 float32 model with the dequantized weights. Whether either beats torch's int8 kernels is
 measured at start-up like the rest.
