@@ -75,7 +75,8 @@ RUN set -eu; \
     /opt/venv/bin/python -c "import model, service.api.app"
 
 # The compiled CPU decode step (model/native_decode.py), built here into the installed
-# package for x86-64-v3 (AVX2), x86-64-v4 (AVX-512) and x86-64-v4 with AVX512-VNNI (int8): the final image has no C compiler, and at
+# package for x86-64-v3 (AVX2), x86-64-v4 (AVX-512), x86-64-v4 with AVX512-VNNI (int8) and
+# x86-64-v4 with AMX (bf16x3 float32 linears): the final image has no C compiler, and at
 # start-up takes the best of these that its CPU runs. Online, a builder without a compiler gets
 # gcc from apt; offline, a BUILDER_IMAGE with gcc has to supply it. Otherwise the image runs
 # torch's decode step on CPUs, and says so in its start-up line. (Unpinned: any gcc of the

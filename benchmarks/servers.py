@@ -51,6 +51,7 @@ BUNDLED = "bundled"  # the model that ships in the package, for workloads that n
 KNOWN = {
     "ours": Server("ours", "ours"),
     "ours-int8": Server("ours-int8", "ours", ("--quantization", "int8")),
+    "ours-highest": Server("ours-highest", "ours", ("--float32-matmul-precision", "highest")),
     "ours-kv-bf16": Server("ours-kv-bf16", "ours", ("--kv-cache-dtype", "bfloat16")),
     "ours-int8-kv-f32": Server(
         "ours-int8-kv-f32", "ours", ("--quantization", "int8", "--kv-cache-dtype", "float32")

@@ -101,7 +101,7 @@ class InvariantLinear(nn.Linear):
         return out.view(*x.shape[:-1], self.out_features)
 
 
-def _is_row_invariant(layer: InvariantLinear, generator: torch.Generator) -> bool:
+def _is_row_invariant(layer: nn.Linear, generator: torch.Generator) -> bool:
     """Whether a row's output is the same bits at every row count and position probed."""
     rows = torch.randn(max(PROBE_ROW_COUNTS), layer.in_features, generator=generator)
     with torch.inference_mode():
@@ -130,8 +130,15 @@ def invariant_chunk(linear: nn.Linear) -> int | None:
     )
 
 
-def make_batch_invariant(model: nn.Module) -> None:
-    """Switch `model` to batch-invariant linears and attention, in place (float32, CPU)."""
+def make_batch_invariant(model: nn.Module, matmul_precision: str = "highest") -> None:
+    """Switch `model` to batch-invariant linears and attention, in place (float32, CPU). With
+    `matmul_precision` "high", where the CPU has AMX, the linears run as bf16x3 for every row
+    count (model.bf16x3_linear: each output's sum has one order whatever the rows), if they
+    prove row-invariant and the logits pass their check; else oneDNN's packed kernel in chunks."""
+    if matmul_precision == "high" and _use_bf16x3(model):
+        _invariant_attention(model)
+        logger.info("batch-invariant mode: linear layers as bf16x3 on AMX for every row count")
+        return
     if not (
         torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     ):
@@ -154,13 +161,45 @@ def make_batch_invariant(model: nn.Module) -> None:
         if shape not in chunks:
             chunks[shape] = invariant_chunk(linear)
         setattr(parent, name, InvariantLinear.from_linear(linear, chunks[shape]))
-    for module in model.modules():
-        if hasattr(module, "batch_invariant"):
-            setattr(module, "batch_invariant", True)  # noqa: B010 - attention modules only
+    _invariant_attention(model)
     described = ", ".join(
         f"{k}->{n}: {'whole' if c is None else f'chunks of {c}'}" for (k, n, _), c in chunks.items()
     )
     logger.info("batch-invariant mode: %d linear layers (%s)", len(targets), described)
+
+
+def _invariant_attention(model: nn.Module) -> None:
+    for module in model.modules():
+        if hasattr(module, "batch_invariant"):
+            setattr(module, "batch_invariant", True)  # noqa: B010 - attention modules only
+
+
+def _use_bf16x3(model: nn.Module) -> bool:
+    """Put bf16x3 linears for every row count into `model` where they can run, prove
+    row-invariant on each layer shape and keep the logits of a probe within their check of
+    float32 kernels'; returns whether they were put in (else the model is as it was)."""
+    from model.bf16x3_linear import Swap, check_logits
+    from model.native_decode import NativeUnavailable
+
+    try:
+        swap = Swap(model, min_rows=1)
+    except NativeUnavailable as exc:
+        logger.info("batch-invariant mode: no bf16x3 linears (%s)", exc)
+        return False
+    generator = torch.Generator().manual_seed(0)
+    probed: set[tuple[int, int]] = set()
+    for layer in swap.layers:
+        shape = (layer.in_features, layer.out_features)
+        if shape not in probed and not _is_row_invariant(layer, generator):
+            logger.warning("batch-invariant mode: bf16x3 linears are not row-invariant here")
+            return False
+        probed.add(shape)
+    swap.put_in()
+    passed, difference = check_logits(model, 1)
+    if not passed:
+        swap.take_out()
+        logger.warning("batch-invariant mode: bf16x3 logits %.1e off float32's", difference)
+    return passed
 
 
 def bucket_length(num_keys: int, max_len: int) -> int:

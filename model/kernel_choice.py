@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.bf16x3_linear import Swap, check_logits
 from model.config import GPTConfig
 from model.decode import DecodeStep, key_window
 from model.gpt2 import GPT
@@ -59,10 +60,22 @@ class KernelChoice:
     timings: dict[int, tuple[float, float]] = field(default_factory=dict)  # rows: (MKL, packed)
     reason: str = ""
     column_major: bool = False  # MKL reads the weights column-major (model.weight_layout)
+    # from this many rows the bf16x3 AMX kernels (model.bf16x3_linear) instead of either
+    bf16x3_min_rows: int | None = None
+    bf16x3_timings: dict[int, float] = field(default_factory=dict)  # rows: ms
+    bf16x3_note: str = ""  # why they are not used, or the logit check's difference
 
     def describe(self) -> str:
         """One phrase for the start-up line."""
         mkl = "MKL on column-major weights" if self.column_major else "MKL"
+        if self.bf16x3_min_rows is not None:
+            rows = self.bf16x3_min_rows
+            amx = "float32 as bf16x3 on AMX"
+            return (
+                f"{amx} for every row count"
+                if rows <= 1
+                else f"{mkl} below {rows} rows, {amx} from {rows}"
+            )
         if self.packed_min_rows is None:
             return f"{mkl} for every row count ({self.reason})" if self.reason else mkl
         if self.packed_min_rows <= 1:
@@ -159,11 +172,15 @@ def choose_weight_layout(model: nn.Module) -> tuple[bool, float, float]:
     return column_major, row_ms, column_ms
 
 
-def use_fastest_float32_kernels(model: nn.Module, max_rows: int) -> KernelChoice:
+def use_fastest_float32_kernels(
+    model: nn.Module, max_rows: int, matmul_precision: str = "highest"
+) -> KernelChoice:
     """Measure and apply this machine's fastest float32 linear kernels to a CPU model: the
     weight layout for one row, then from which row count oneDNN's packed kernel takes over
-    (the weights are packed for it). Without oneDNN, or for weights that are not CPU float32,
-    the model stays as it is."""
+    (the weights are packed for it). With `matmul_precision` "high", the bf16x3 AMX kernels
+    (model.bf16x3_linear) are timed too and take over, instead of the packed ones, from the row
+    count where they win, if the model's logits pass their check (`choose_bf16x3`). Without
+    oneDNN, or for weights that are not CPU float32, the model stays as it is."""
     if not packing_available():
         return KernelChoice(None, reason="this torch build has no oneDNN linear ops")
     if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in linear_weights(model)):
@@ -176,10 +193,76 @@ def use_fastest_float32_kernels(model: nn.Module, max_rows: int) -> KernelChoice
         set_column_major(model, False)
         column_major = False
         choice = choose_packed_min_rows(model, max_rows)
+    choice.column_major = column_major
+    if matmul_precision == "high" and choose_bf16x3(model, choice):
+        return choice
     if choice.packed_min_rows is not None:
         pack_linears(model, choice.packed_min_rows)
-    choice.column_major = column_major
     return choice
+
+
+def choose_bf16x3(model: nn.Module, choice: KernelChoice) -> bool:
+    """Time the bf16x3 AMX kernels at the row counts `choice` timed MKL and oneDNN at; where
+    they beat both from some count on, put them in the model's linears from there (MKL below:
+    the compiled decode step takes the few-row steps where it wins), check the logits of a
+    probe prompt against float32 kernels', and keep them if they pass. Records the outcome in
+    `choice`; returns whether they were kept."""
+    try:
+        swap = Swap(model, min_rows=1)
+    except NativeUnavailable as exc:
+        choice.bf16x3_note = str(exc)
+        logger.info("bf16x3 linears: not used (%s)", exc)
+        return False
+    for rows in choice.timings:
+        inputs = {layer.in_features: torch.randn(rows, layer.in_features) for layer in swap.layers}
+
+        def amx(inputs: dict[int, torch.Tensor] = inputs) -> None:
+            for layer in swap.layers:
+                layer(inputs[layer.in_features])
+
+        with torch.inference_mode():
+            choice.bf16x3_timings[rows] = _best_time(amx)
+    best_other = {rows: min(mkl, packed) for rows, (mkl, packed) in choice.timings.items()}
+    min_rows = None
+    for rows in sorted(choice.bf16x3_timings, reverse=True):  # from where they keep winning
+        if choice.bf16x3_timings[rows] >= best_other[rows]:
+            break
+        min_rows = rows
+    measured = ", ".join(f"{r}: {t:.1f}" for r, t in choice.bf16x3_timings.items())
+    if min_rows is None:
+        choice.bf16x3_note = "slower than float32 kernels at every row count probed"
+        logger.info("bf16x3 linears: not used, never faster (ms by rows: %s)", measured)
+        return False
+    # as with the packed kernel: column-major weights only where MKL runs single rows alone
+    relaid = choice.column_major and min_rows > 2
+    if relaid:
+        set_column_major(model, False)
+    for layer in swap.layers:
+        layer.min_rows = min_rows
+        if relaid:
+            layer.relaid()
+    swap.put_in()
+    passed, difference = check_logits(model, min_rows)
+    if not passed:
+        swap.take_out()
+        if relaid:
+            set_column_major(model, True)
+        choice.bf16x3_note = f"logits {difference:.1e} off float32's"
+        logger.warning(
+            "bf16x3 linears: not used, the logits of a probe were %.1e off float32 kernels'",
+            difference,
+        )
+        return False
+    choice.column_major = choice.column_major and not relaid
+    choice.bf16x3_min_rows = min_rows
+    choice.bf16x3_note = f"logits within {difference:.1e} of float32's"
+    logger.info(
+        "linear kernels: %s (ms bf16x3 by rows: %s; logits within %.1e of float32 kernels')",
+        choice.describe(),
+        measured,
+        difference,
+    )
+    return True
 
 
 NATIVE_ROW_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16)

@@ -1,5 +1,8 @@
 """The decode step compiled for this CPU: one C function per step instead of ~200 torch calls.
 
+The same library holds the bf16x3 float32 linears for CPUs with AMX (`native/matmul_bf16x3.c`,
+used through model.bf16x3_linear).
+
 At one stream on a CPU a decode step should take as long as reading the weights once (gpt2:
 ~500 MB, ~16-20 ms on a 2-core machine). Through torch it also pays for every op's dispatch, a
 parallel region per linear layer whose threads start and stop, and the small ops in between:
@@ -21,7 +24,7 @@ cache folder keyed by the source, the compiler and the CPU's flags, so later sta
 wheels load (torch/lib/libgomp.so.1), so both share one team of threads; a torch that ships its
 libgomp under another name would give it a second team (slower, not wrong). Where there is no
 compiler (the container image), a portable build made in advance for a CPU level this CPU
-supports (x86-64-v4 with or without VNNI, or v3; `python -m model.native_prebuild`) is loaded
+supports (x86-64-v4 with AMX, with VNNI or plain, or v3; `python -m model.native_prebuild`) is loaded
 instead. Where there is
 neither, the build fails, or the model is one it does not cover (not float32 on the CPU,
 batch-invariant linears, a float16 KV cache), `NativeUnavailable` says why and the torch decode
@@ -57,8 +60,11 @@ from model.weight_layout import is_column_major
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "native" / "decode_step.c"
-ABI = 3  # GPTSERVE_NATIVE_ABI in the source: the structs below match that version
+# compiled together into one library: the decode step and the AMX float32 matmul
+SOURCES: tuple[Path, ...] = tuple(
+    Path(__file__).parent / "native" / name for name in ("decode_step.c", "matmul_bf16x3.c")
+)
+ABI = 4  # GPTSERVE_NATIVE_ABI in the source: the structs below match that version
 CFLAGS: tuple[str, ...] = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 if platform.machine().lower() in ("x86_64", "amd64"):
     # For recent Intel cores GCC and clang vectorise the `omp simd` loops (those that stream the
@@ -73,11 +79,20 @@ PREBUILT = Path(__file__).parent / "native" / "prebuilt"
 _AVX2 = ("avx2", "fma", "bmi1", "bmi2", "f16c", "movbe")
 _AVX512 = _AVX2 + ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")
 PORTABLE_TARGETS: dict[str, tuple[str, ...]] = {
+    # AMX's bfloat16 tiles too (model/native/matmul_bf16x3.c): Sapphire Rapids and later
+    "x86-64-v4-amx": _AVX512 + ("avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16"),
     "x86-64-v4-vnni": _AVX512 + ("avx512_vnni",),  # the int8 dot products too
     "x86-64-v4": _AVX512,
     "x86-64-v3": _AVX2,
 }
 _TARGET_FLAGS = {
+    "x86-64-v4-amx": (
+        "-march=x86-64-v4",
+        "-mavx512vnni",
+        "-mavx512bf16",
+        "-mamx-tile",
+        "-mamx-bf16",
+    ),
     "x86-64-v4-vnni": ("-march=x86-64-v4", "-mavx512vnni"),
     "x86-64-v4": ("-march=x86-64-v4",),
     "x86-64-v3": ("-march=x86-64-v3",),
@@ -169,10 +184,14 @@ def build_library(compiler: str | None = None, folder: Path | None = None) -> Pa
         ).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeUnavailable(f"the C compiler {compiler} does not run: {exc}") from exc
-    source = SOURCE.read_bytes()
     key = hashlib.sha256(
         b"\0".join(
-            [source, compiler.encode(), version.encode(), " ".join(CFLAGS).encode()]
+            [
+                *(source.read_bytes() for source in SOURCES),
+                compiler.encode(),
+                version.encode(),
+                " ".join(CFLAGS).encode(),
+            ]
             + [_cpu_flags().encode()]
         )
     ).hexdigest()[:16]
@@ -194,9 +213,9 @@ def build_library(compiler: str | None = None, folder: Path | None = None) -> Pa
 
 
 def _compile(compiler: str, flags: Sequence[str], target: Path) -> None:
-    """Compile SOURCE with `flags` into `target`, which appears whole or not at all."""
+    """Compile SOURCES with `flags` into `target`, which appears whole or not at all."""
     partial = target.parent / f".{target.name}.{os.getpid()}.tmp"
-    command = [compiler, *flags, str(SOURCE), "-o", str(partial), "-lm"]
+    command = [compiler, *flags, *map(str, SOURCES), "-o", str(partial), "-lm"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
     except (OSError, subprocess.SubprocessError) as exc:
@@ -209,7 +228,7 @@ def _compile(compiler: str, flags: Sequence[str], target: Path) -> None:
 
 
 def _source_key() -> str:
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(b"\0".join(source.read_bytes() for source in SOURCES)).hexdigest()[:16]
 
 
 def prebuilt_path(target: str, folder: Path | None = None) -> Path:
@@ -377,6 +396,17 @@ def _load() -> ctypes.CDLL:
     lib.gptserve_int8_dot.argtypes = []
     lib.gptserve_gelu.restype = None
     lib.gptserve_gelu.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
+    lib.gptserve_bf16x3_ready.restype = ctypes.c_int
+    lib.gptserve_bf16x3_ready.argtypes = []
+    lib.gptserve_bf16x3_scratch_bytes.restype = ctypes.c_size_t
+    lib.gptserve_bf16x3_scratch_bytes.argtypes = [integer, integer]
+    lib.gptserve_bf16x3_packed_bytes.restype = ctypes.c_size_t
+    lib.gptserve_bf16x3_packed_bytes.argtypes = [integer, integer]
+    lib.gptserve_bf16x3_pack.restype = ctypes.c_int
+    lib.gptserve_bf16x3_pack.argtypes = [pointer, integer, integer, pointer]
+    lib.gptserve_bf16x3_linear.restype = ctypes.c_int
+    lib.gptserve_bf16x3_linear.argtypes = [pointer] + [integer] * 3 + [pointer, integer, pointer]
+    lib.gptserve_bf16x3_linear.argtypes += [integer, pointer, pointer, integer]
     logger.debug("native decode step loaded from %s", path)
     return lib
 

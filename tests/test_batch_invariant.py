@@ -15,6 +15,7 @@ from model.batch_invariant import (
     check_batch_invariance,
     make_batch_invariant,
 )
+from model.bf16x3_linear import Bf16x3Linear, bf16x3_unavailable
 from model.config import GPTConfig
 from model.decode import DecodeStep
 from model.gpt2 import GPT
@@ -25,6 +26,7 @@ from model.sampling_params import SamplingParams
 from model.tokenizer import Tokenizer
 from service.api.loader import ServeConfigError, load_engine
 from service.api.settings import Settings
+from service.api.startup_summary import is_batch_invariant
 from service.engine.config import EngineConfig
 from service.engine.llm_engine import LLMEngine
 from service.engine.params import StopParams
@@ -37,11 +39,25 @@ WIDE = GPTConfig(n_layer=2, n_head=12, n_embd=768, vocab_size=50257, block_size=
 TARGET_PARAMS = SamplingParams(temperature=0.8, top_k=40, seed=5, logprobs=5)
 
 
-@pytest.fixture(scope="module")
-def invariant_model() -> GPT:
+# highest: oneDNN's packed kernel in chunks; high: bf16x3 on AMX where the CPU has it
+PRECISIONS = ("highest", "high")
+LINEAR_OF = {"highest": InvariantLinear, "high": Bf16x3Linear}
+
+
+def skip_without_amx(precision: str) -> None:
+    reason = bf16x3_unavailable()
+    if precision == "high" and reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module", params=PRECISIONS)
+def invariant_model(request: pytest.FixtureRequest) -> GPT:
+    skip_without_amx(request.param)
     torch.manual_seed(0)
     model = GPT(WIDE).init_weights(0).eval()
-    make_batch_invariant(model)
+    make_batch_invariant(model, request.param)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(isinstance(m, LINEAR_OF[request.param]) for m in linears)
     return model
 
 
@@ -102,13 +118,15 @@ def test_prefix_reuse_gives_the_same_bits(invariant_model: GPT) -> None:
     assert run_target(invariant_model, 4, 64, reuse=True, warm_prefix=True) == cold
 
 
-def test_close_to_the_plain_model() -> None:
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_close_to_the_plain_model(precision: str) -> None:
+    skip_without_amx(precision)
     torch.manual_seed(0)
     plain = GPT(WIDE).init_weights(0).eval()
     invariant = GPT(WIDE).init_weights(0).eval()
-    make_batch_invariant(invariant)
+    make_batch_invariant(invariant, precision)
     assert all(
-        isinstance(m, InvariantLinear)
+        isinstance(m, LINEAR_OF[precision])
         for m in invariant.modules()
         if isinstance(m, torch.nn.Linear)
     )
@@ -134,7 +152,17 @@ def test_serve_refuses_int8_with_batch_invariance(tmp_path) -> None:  # type: ig
         load_engine(settings)
     engine, _ = load_engine(Settings(model=str(tmp_path / "m"), device="cpu", batch_invariant=True))
     model = engine.engine.model
-    assert any(isinstance(m, InvariantLinear) for m in model.modules())
+    kind = InvariantLinear if bf16x3_unavailable() else Bf16x3Linear  # the default: high
+    assert any(isinstance(m, kind) for m in model.modules())
+    assert is_batch_invariant(model)
+    settings = Settings(
+        model=str(tmp_path / "m"),
+        device="cpu",
+        batch_invariant=True,
+        float32_matmul_precision="highest",
+    )
+    engine, _ = load_engine(settings)
+    assert any(isinstance(m, InvariantLinear) for m in engine.engine.model.modules())
 
 
 def test_attention_reads_slots_in_place_or_gathered_with_the_same_bits() -> None:

@@ -270,7 +270,7 @@ def test_a_source_that_does_not_compile_says_why(
         pytest.skip(str(exc))
     broken = tmp_path / "broken.c"
     broken.write_text("int gptserve_native_abi(void) { return 1 }\n")
-    monkeypatch.setattr(native_decode, "SOURCE", broken)
+    monkeypatch.setattr(native_decode, "SOURCES", (broken,))
     with pytest.raises(NativeUnavailable, match="compiling the decode step failed"):
         build_library(folder=tmp_path / "out")
     assert not list((tmp_path / "out").glob("*.so"))
@@ -355,7 +355,7 @@ def test_prebuilt_builds_a_cpu_cannot_run_or_of_another_source_are_passed_over(
     cpu(*PORTABLE_TARGETS["x86-64-v4"])
     other = tmp_path / "other.c"
     other.write_text("/* another version of the source */\n")
-    monkeypatch.setattr(native_decode, "SOURCE", other)
+    monkeypatch.setattr(native_decode, "SOURCES", (other,))
     assert find_prebuilt(tmp_path) is None
 
 

@@ -47,7 +47,7 @@
 #define INT8_DOT 0
 #endif
 
-#define GPTSERVE_NATIVE_ABI 3
+#define GPTSERVE_NATIVE_ABI 4
 #define MAX_ROWS 16
 #define TILE_BYTES (256 * 1024) /* a column-major band's partial outputs kept per pass */
 
@@ -836,6 +836,9 @@ void gptserve_gelu(float *x, long n, int threads) {
         if (start < end) gelu_range(x + start, (int)(end - start));
     }
 }
+
+/* The same GELU over n floats in place, on the calling thread: for matmul_bf16x3.c's outputs. */
+void gptserve_gelu_range(float *x, int n) { gelu_range(x, n); }
 
 #define SHARED_CHUNK 32 /* rows of a shared-prefix group attended together */
 

@@ -124,6 +124,8 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
     if device.type == "cpu":
         # after loading, so the checkpoint's transient copies are given back to the system first
         keep_freed_memory()
+    # off: nothing compiled, the bf16x3 linears (in the same library) included
+    set_native_enabled(settings.native_decode != "off")
     # Kernels are timed up to this many rows: prompt chunks and speculative checks have many
     # rows whatever the batch cap.
     probe_rows = max(settings.max_batch_size, PROBE_ROW_COUNTS[-1])
@@ -145,7 +147,7 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
         if device.type != "cpu" or dtype != torch.float32:
             raise ServeConfigError("--batch-invariant needs --device cpu and float32 weights")
         try:
-            make_batch_invariant(model)
+            make_batch_invariant(model, settings.float32_matmul_precision)
             check_batch_invariance(model, min(model.config.block_size, 256))
         except BatchInvarianceError as exc:
             raise ServeConfigError(f"--batch-invariant: {exc}") from exc
@@ -155,8 +157,7 @@ def load_engine(settings: Settings) -> tuple[AsyncEngine, str]:
         elif settings.packed_min_rows is not None:  # forced: row-major weights, as always
             pack_linears(model, settings.packed_min_rows)
         else:  # measured: the one-row layout and where oneDNN starts to win depend on the CPU
-            use_fastest_float32_kernels(model, probe_rows)
-    set_native_enabled(settings.native_decode != "off")
+            use_fastest_float32_kernels(model, probe_rows, settings.float32_matmul_precision)
     if (
         settings.native_decode != "off"
         and not settings.batch_invariant
@@ -200,7 +201,7 @@ def load_draft_model(
         )
     on_cpu = device.type == "cpu" and dtype in PACKABLE_DTYPES
     if on_cpu and settings.pack_weights:  # the draft mostly runs one row: measure it as well
-        use_fastest_float32_kernels(draft, PROBE_ROW_COUNTS[-1])
+        use_fastest_float32_kernels(draft, PROBE_ROW_COUNTS[-1], settings.float32_matmul_precision)
     logger.info(
         "draft model %s: %s parameters", settings.draft_model, f"{draft.config.num_parameters:,}"
     )

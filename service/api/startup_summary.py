@@ -12,6 +12,7 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
 from model.batch_invariant import InvariantLinear
+from model.bf16x3_linear import Bf16x3Linear
 from model.dtypes import dtype_name
 from model.kernel_choice import Int8Choice, KernelChoice
 from model.packed_linear import PackedLinear
@@ -121,11 +122,24 @@ def linear_kernels_of(model: nn.Module) -> str:
         return Int8Choice(torch.backends.quantized.engine).describe()
     if any(isinstance(module, InvariantLinear) for module in model.modules()):
         return "oneDNN packed at every row count, batch-invariant"
+    amx = [m for m in model.modules() if isinstance(m, Bf16x3Linear)]
+    if amx and is_batch_invariant(model):
+        return "float32 as bf16x3 on AMX at every row count, batch-invariant"
+    if amx:
+        column_major = is_column_major(amx[0].weight)
+        return KernelChoice(
+            None, column_major=column_major, bf16x3_min_rows=amx[0].min_rows
+        ).describe()
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     if packed:
         column_major = is_column_major(packed[0].weight)
         return KernelChoice(packed[0].min_rows, column_major=column_major).describe()
     return "MKL" if model_device_type(model) == "cpu" else "cuBLAS"
+
+
+def is_batch_invariant(model: nn.Module) -> bool:
+    """Whether the model computes in batch-invariant mode (model.batch_invariant)."""
+    return any(getattr(module, "batch_invariant", False) for module in model.modules())
 
 
 def speculation_of(speculator: Speculator | None) -> str:
@@ -177,7 +191,7 @@ def startup_summary(app: FastAPI, host: str, port: int) -> StartupSummary:
         packed_weights=any(isinstance(module, PackedLinear) for module in model.modules()),
         linear_kernels=linear_kernels_of(model),
         decode_step=decode_step_of(engine.runner),
-        batch_invariant=any(isinstance(module, InvariantLinear) for module in model.modules()),
+        batch_invariant=is_batch_invariant(model),
         speculation=speculation_of(engine.runner.speculator),
         num_threads=torch.get_num_threads(),
         context_window=engine.max_model_len,
