@@ -5,7 +5,7 @@ tiles: each float32 number is the sum of two bfloat16 ones, and three of the fou
 (all but the two small halves') are accumulated in float32 (model/native/matmul_bf16x3.c). This
 is torch's float32 matmul precision "high" (16 bits of mantissa in the products, against 24),
 not "highest". Measured on a 2-core Xeon with AMX, gpt2's 12 blocks and head at 32 rows took
-~25 ms against ~38 ms through oneDNN's packed float32 kernel, and a 960-row prompt chunk ~330
+~22 ms against ~38 ms through oneDNN's packed float32 kernel, and a 960-row prompt chunk ~330
 against ~640 ms; a gpt2 step's logits came out within ~6e-5 of float32's, whose own rounding
 against float64 is ~1e-5.
 
@@ -31,8 +31,8 @@ from model.native_decode import NativeUnavailable, load_library
 logger = logging.getLogger(__name__)
 
 # the logits of a probe with these kernels and with float32 ones may differ by at most
-# max(ABSOLUTE, RELATIVE * the largest |logit|); measured: 6.5e-5 on the bundled model (largest
-# logit 13), 3.8e-5 on a random gpt2 (2.9)
+# max(ABSOLUTE, RELATIVE * the largest |logit|); measured: 6.3e-5 on the bundled model (largest
+# logit 13), 3.9e-5 on a random gpt2 (2.9)
 CHECK_ABSOLUTE = 1e-4
 CHECK_RELATIVE = 1e-5
 
@@ -44,7 +44,10 @@ def bf16x3_unavailable() -> str | None:
     except NativeUnavailable as exc:
         return f"the compiled library is unavailable: {exc}"
     if not lib.gptserve_bf16x3_ready():
-        return "this CPU (or the compiled library's build) has no AMX bfloat16 tiles"
+        return (
+            "no AMX bfloat16 tiles: the CPU has none, the kernel refused them to this process, "
+            "or the library was built for a level without them"
+        )
     return None
 
 
@@ -118,11 +121,13 @@ class Bf16x3Linear(nn.Linear):
     def _run(self, x: torch.Tensor, rows: int, gelu: bool) -> torch.Tensor:
         if self._weight_state() != self._packed_from:  # loaded or updated since packing
             self.repack()
+        if x.dtype != torch.float32:
+            raise ValueError(f"bf16x3 linears take float32 rows, got {x.dtype}")
         flat = x.reshape(rows, self.in_features)
-        if flat.dtype != torch.float32 or flat.stride(-1) != 1:
-            raise ValueError(f"bf16x3 linears take float32 rows, got {flat.dtype}")
+        if flat.stride(-1) != 1:
+            flat = flat.contiguous()
         lib = load_library()
-        out = torch.empty(rows, self.out_features)
+        out = torch.empty(rows, self.out_features, dtype=torch.float32)
         scratch = _scratch_for(lib.gptserve_bf16x3_scratch_bytes(rows, self.in_features))
         bias = self.bias.data_ptr() if self.bias is not None else None
         failed = lib.gptserve_bf16x3_linear(

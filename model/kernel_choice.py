@@ -202,10 +202,11 @@ def use_fastest_float32_kernels(
 
 
 def choose_bf16x3(model: nn.Module, choice: KernelChoice) -> bool:
-    """Time the bf16x3 AMX kernels at the row counts `choice` timed MKL and oneDNN at; where
-    they beat both from some count on, put them in the model's linears from there (MKL below:
-    the compiled decode step takes the few-row steps where it wins), check the logits of a
-    probe prompt against float32 kernels', and keep them if they pass. Records the outcome in
+    """Time the bf16x3 AMX kernels at the row counts `choice` timed MKL and oneDNN at. If they
+    beat both at the largest count, put them in the model's linears from the count from which
+    they keep beating MKL (MKL below: the compiled decode step takes the few-row steps where it
+    wins), check the logits of a probe prompt against float32 kernels', and keep them if they
+    pass; otherwise (or on any error) the model is left as it was. Records the outcome in
     `choice`; returns whether they were kept."""
     try:
         swap = Swap(model, min_rows=1)
@@ -222,19 +223,26 @@ def choose_bf16x3(model: nn.Module, choice: KernelChoice) -> bool:
 
         with torch.inference_mode():
             choice.bf16x3_timings[rows] = _best_time(amx)
-    best_other = {rows: min(mkl, packed) for rows, (mkl, packed) in choice.timings.items()}
-    min_rows = None
-    for rows in sorted(choice.bf16x3_timings, reverse=True):  # from where they keep winning
-        if choice.bf16x3_timings[rows] >= best_other[rows]:
+    # Taken only if they win where the most rows run: beside the largest probed count they
+    # beat both float32 kernels. Then they run from the count from which they keep beating MKL,
+    # the kernel left below them (no packed copy is kept beside them): no row count is slower
+    # than with MKL alone, and between the packed kernel's threshold and that count they may
+    # give up a little against it, for one extra copy of the weights instead of two.
+    largest = max(choice.bf16x3_timings)
+    measured = ", ".join(f"{r}: {t:.1f}" for r, t in choice.bf16x3_timings.items())
+    if choice.bf16x3_timings[largest] >= min(choice.timings[largest]):
+        choice.bf16x3_note = f"slower than float32 kernels at {largest} rows"
+        logger.info(
+            "bf16x3 linears: not used, not faster at %d rows (ms by rows: %s)", largest, measured
+        )
+        return False
+    min_rows = largest
+    for rows in sorted(choice.bf16x3_timings, reverse=True):  # from where they keep beating MKL
+        if choice.bf16x3_timings[rows] >= choice.timings[rows][0]:
             break
         min_rows = rows
-    measured = ", ".join(f"{r}: {t:.1f}" for r, t in choice.bf16x3_timings.items())
-    if min_rows is None:
-        choice.bf16x3_note = "slower than float32 kernels at every row count probed"
-        logger.info("bf16x3 linears: not used, never faster (ms by rows: %s)", measured)
-        return False
     # as with the packed kernel: column-major weights only where MKL runs single rows alone
-    relaid = choice.column_major and min_rows > 2
+    relaid = choice.column_major and min_rows != 2
     if relaid:
         set_column_major(model, False)
     for layer in swap.layers:
@@ -242,11 +250,13 @@ def choose_bf16x3(model: nn.Module, choice: KernelChoice) -> bool:
         if relaid:
             layer.relaid()
     swap.put_in()
-    passed, difference = check_logits(model, min_rows)
+    try:
+        passed, difference = check_logits(model, min_rows)
+    except BaseException:
+        _restore(model, swap, relaid)
+        raise
     if not passed:
-        swap.take_out()
-        if relaid:
-            set_column_major(model, True)
+        _restore(model, swap, relaid)
         choice.bf16x3_note = f"logits {difference:.1e} off float32's"
         logger.warning(
             "bf16x3 linears: not used, the logits of a probe were %.1e off float32 kernels'",
@@ -263,6 +273,13 @@ def choose_bf16x3(model: nn.Module, choice: KernelChoice) -> bool:
         difference,
     )
     return True
+
+
+def _restore(model: nn.Module, swap: Swap, relaid: bool) -> None:
+    """Back to the float32 linears (and their layout) that `choose_bf16x3` found."""
+    swap.take_out()
+    if relaid:
+        set_column_major(model, True)
 
 
 NATIVE_ROW_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16)

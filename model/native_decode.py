@@ -238,7 +238,8 @@ def prebuilt_path(target: str, folder: Path | None = None) -> Path:
 
 def build_portable(target: str, folder: Path | None = None, compiler: str | None = None) -> Path:
     """Compile the source for every CPU of a level (a PORTABLE_TARGETS key: an x86-64 level,
-    or x86-64-v4-vnni, which adds AVX512-VNNI) rather than for this CPU, into `folder` (the
+    x86-64-v4-vnni, which adds AVX512-VNNI, or x86-64-v4-amx, which adds AVX512-BF16 and AMX's
+    bfloat16 tiles as well) rather than for this CPU, into `folder` (the
     package's prebuilt folder by default): what an image without a C compiler loads (see
     find_prebuilt). The compiling machine's CPU may lack the level's instructions; the build
     does not run anything."""

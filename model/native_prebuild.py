@@ -5,7 +5,9 @@
 The container image runs this in its build stage, which has a C compiler, so that the final
 image (which has none) still runs the compiled step: at start-up model.native_decode builds for
 the CPU it runs on where it can, and otherwise loads the best of these that the CPU supports.
-Without a C compiler, or on a CPU family these levels do not name, it prints why and exits 1.
+A level the compiler cannot build for (an older gcc without AMX, say) is skipped with its
+reason, and the others are still built. Without a C compiler, or on a CPU family these levels
+do not name, nothing is built: it prints why and exits 1.
 """
 
 from __future__ import annotations
@@ -28,14 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         print(f"no portable builds for {platform.machine()}: the step compiles at start-up there")
         return 1
+    built = 0
     for target in args.target or list(PORTABLE_TARGETS):
         try:
             path = build_portable(target, args.folder)
         except NativeUnavailable as exc:
-            print(f"{target}: {exc}", file=sys.stderr)
-            return 1
+            print(f"{target}: not built: {exc}", file=sys.stderr)
+            continue
+        built += 1
         print(f"{target}: {path} ({path.stat().st_size // 1024} KiB)")
-    return 0
+    return 0 if built else 1
 
 
 if __name__ == "__main__":

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 from conftest import make_model
+from model import batch_invariant
 from model.batch_invariant import (
     BatchInvarianceError,
     InvariantAttention,
@@ -50,8 +52,22 @@ def skip_without_amx(precision: str) -> None:
         pytest.skip(reason)
 
 
+# attention: the compiled kernel (model.native_decode's library) where it loads, else torch's
+ATTENTION = ("compiled", "torch")
+
+
+@pytest.fixture(scope="module", params=ATTENTION)
+def attention(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "compiled" and batch_invariant._attention_library() is None:
+        pytest.skip("the compiled library does not load here")
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "torch":
+            patch.setattr(batch_invariant, "_attention_library", lambda: None)
+        yield request.param
+
+
 @pytest.fixture(scope="module", params=PRECISIONS)
-def invariant_model(request: pytest.FixtureRequest) -> GPT:
+def invariant_model(request: pytest.FixtureRequest, attention: str) -> GPT:
     skip_without_amx(request.param)
     torch.manual_seed(0)
     model = GPT(WIDE).init_weights(0).eval()
@@ -182,6 +198,33 @@ def test_attention_reads_slots_in_place_or_gathered_with_the_same_bits() -> None
             )
             for index, row in enumerate(rows):
                 assert torch.equal(some[index], together[row])
+
+
+def test_compiled_attention_agrees_with_torch_and_keeps_a_query_s_bits() -> None:
+    """The compiled kernel: within float rounding of the torch path's result, and a query's
+    bits the same alone, in other batches and as one of a prompt's queries (padding after)."""
+    if batch_invariant._attention_library() is None:
+        pytest.skip("the compiled library does not load here")
+    generator = torch.Generator().manual_seed(1)
+    k_cache = torch.randn(4, 12, 256, 64, generator=generator)
+    v_cache = torch.randn(4, 12, 256, 64, generator=generator)
+    projections = torch.randn(3, 5, 3 * 768, generator=generator)  # (B, T, 3C), as a layer's
+    q = projections[..., :768].view(3, 5, 12, 64).transpose(1, 2)  # (B, nh, T, hs): in place
+    positions = [[40, 41, 42, 43, 44], [7, 8], [200, 201, 202]]  # rows 1 and 2 padded
+    slots = [2, 0, 3]
+    with torch.inference_mode():
+        compiled = InvariantAttention(slots, positions, 256, q.device)
+        assert compiled.library is not None
+        together = compiled(q, k_cache, v_cache)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(batch_invariant, "_attention_library", lambda: None)
+            reference = InvariantAttention(slots, positions, 256, q.device)(q, k_cache, v_cache)
+        torch.testing.assert_close(together, reference, rtol=0, atol=2e-6)
+        assert together[1, :, 2:].abs().max() == 0 and together[2, :, 3:].abs().max() == 0
+        for row, column in ((0, 3), (1, 1), (2, 0)):
+            alone_q = q[row : row + 1, :, column : column + 1].contiguous()  # copied, not in place
+            alone = InvariantAttention([slots[row]], [[positions[row][column]]], 256, q.device)
+            assert torch.equal(alone(alone_q, k_cache, v_cache)[0, :, 0], together[row, :, column])
 
 
 def test_a_decode_step_gives_the_bits_of_a_prompt(invariant_model: GPT) -> None:

@@ -5,6 +5,7 @@ the choice's fall-backs are tested everywhere."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,10 @@ from model.kernel_choice import KernelChoice, choose_bf16x3, use_fastest_float32
 from model.loading import save_checkpoint
 from model.native_decode import NativeUnavailable
 from model.packed_linear import PackedLinear, packing_available
+from model.weight_layout import is_column_major, linear_weights, set_column_major
 from service.api.loader import load_engine
 from service.api.settings import Settings
-from service.api.startup_summary import linear_kernels_of
+from service.api.startup_summary import has_packed_weights, linear_kernels_of
 
 
 @pytest.fixture
@@ -54,7 +56,9 @@ def test_products_are_float32_to_16_bits(
     exact = x.double() @ linear.weight.double().T + linear.bias.double()
     bound = products_bound(x, linear.weight)
     assert ((got - exact).abs() <= bound).all()
-    assert (got - exact).abs().max() > 0  # not float32 kernels in disguise: 16 bits, not 24
+    if in_features >= 64:  # not float32 kernels in disguise: 16 bits of products, not 24
+        float32_error = (F.linear(x, linear.weight, linear.bias).double() - exact).abs().max()
+        assert (got - exact).abs().max() > 4 * float32_error
     exact_gelu = F.gelu(exact, approximate="tanh")
     assert ((gelu - exact_gelu).abs() <= bound + 1e-6).all()  # the GELU's own float32 error
 
@@ -127,8 +131,9 @@ def test_the_start_up_choice_takes_them_where_they_win(amx: None) -> None:
         assert not any(isinstance(m, Bf16x3Linear) for m in layers)
         return
     rows = choice.bf16x3_min_rows
+    assert choice.bf16x3_timings[8] < min(choice.timings[8])  # faster than both at the most rows
     wins = {r: t for r, t in choice.bf16x3_timings.items() if r >= rows}
-    assert all(t < min(choice.timings[r]) for r, t in wins.items())
+    assert all(t < choice.timings[r][0] for r, t in wins.items())  # and than MKL from `rows`
     assert all(isinstance(m, Bf16x3Linear) and m.min_rows == rows for m in layers)
     assert not any(isinstance(m, PackedLinear) for m in layers)  # no second packed copy
     assert "bf16x3 on AMX from" in choice.describe() or "every row count" in choice.describe()
@@ -145,9 +150,11 @@ def test_the_choice_falls_back_where_they_cannot_run(monkeypatch: pytest.MonkeyP
     assert not choose_bf16x3(model, choice)
     assert choice.bf16x3_note == "no AMX on this CPU" and choice.bf16x3_min_rows is None
     assert not any(isinstance(m, Bf16x3Linear) for m in model.modules())
-    if packing_available():
-        use_fastest_float32_kernels(model, 8, "high")
-        assert any(isinstance(m, PackedLinear) for m in model.modules())
+    if packing_available():  # the packed kernels as with "highest", where they win
+        fallen_back = use_fastest_float32_kernels(model, 8, "high")
+        assert fallen_back.bf16x3_min_rows is None and "no AMX" in fallen_back.bf16x3_note
+        packed = any(isinstance(m, PackedLinear) for m in model.modules())
+        assert packed == (fallen_back.packed_min_rows is not None)
 
 
 def test_the_choice_refuses_them_when_the_logits_are_off(
@@ -163,6 +170,103 @@ def test_the_choice_refuses_them_when_the_logits_are_off(
         assert not choose_bf16x3(model, choice)
     assert "logits" in choice.bf16x3_note and "off float32" in caplog.text
     assert [type(m) for m in model.modules()] == before
+
+
+@pytest.fixture
+def timings(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
+    """Replace the stopwatch: each timed probe takes the next of these (ms)."""
+    queue: list[float] = []
+
+    def fake_best_time(run: Callable[[], object]) -> float:
+        run()
+        return queue.pop(0)
+
+    monkeypatch.setattr(kernel_choice, "_best_time", fake_best_time)
+    yield queue
+
+
+# rows: (MKL, packed) ms; the packed kernel wins from 4 rows
+FLOAT32_MS = {1: (1.0, 2.0), 2: (2.0, 3.0), 4: (4.0, 3.0), 8: (8.0, 5.0), 16: (16.0, 9.0)}
+
+
+@pytest.mark.parametrize(
+    ("amx_ms", "column_major", "min_rows", "still_column_major"),
+    [
+        # beats MKL from 4 rows (not at 2), both kernels at 16: from 4, the weights row-major
+        ([5.0, 2.5, 3.5, 6.0, 7.0], True, 4, False),
+        # beats MKL from 2 rows: MKL runs single rows only, column-major stays
+        ([5.0, 1.5, 3.5, 6.0, 7.0], True, 2, True),
+        ([5.0, 1.5, 3.5, 6.0, 7.0], False, 2, False),
+        # slower than the packed kernel at 16 rows: not taken, whatever it does below
+        ([0.5, 1.0, 2.0, 4.0, 9.5], True, None, True),
+    ],
+)
+def test_the_choice_takes_them_from_where_they_keep_beating_mkl(
+    amx: None,
+    timings: list[float],
+    amx_ms: list[float],
+    column_major: bool,
+    min_rows: int | None,
+    still_column_major: bool,
+) -> None:
+    model = make_model(seed=4)
+    set_column_major(model, column_major)
+    choice = KernelChoice(4, timings=dict(FLOAT32_MS), column_major=column_major)
+    timings += amx_ms
+    assert choose_bf16x3(model, choice) == (min_rows is not None)
+    assert choice.bf16x3_min_rows == min_rows
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert all(is_column_major(m.weight) == still_column_major for m in layers)
+    assert choice.column_major == still_column_major
+    if min_rows is None:
+        assert not any(isinstance(m, Bf16x3Linear) for m in layers)
+        assert "slower than float32 kernels at 16 rows" in choice.bf16x3_note
+        return
+    assert all(isinstance(m, Bf16x3Linear) and m.min_rows == min_rows for m in layers)
+    mkl = "MKL on column-major weights" if still_column_major else "MKL"
+    assert (
+        choice.describe()
+        == f"{mkl} below {min_rows} rows, float32 as bf16x3 on AMX from {min_rows}"
+    )
+    idx = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.inference_mode():
+        expected = make_model(seed=4)(idx)
+        torch.testing.assert_close(model(idx), expected, rtol=0, atol=1e-4)
+
+
+def test_a_failing_check_leaves_the_model_as_it_was(
+    amx: None, timings: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = make_model(seed=4)
+    set_column_major(model, True)
+    before = [type(m) for m in model.modules()]
+
+    def broken(model: nn.Module, min_rows: int) -> tuple[bool, float]:
+        raise RuntimeError("the probe failed")
+
+    monkeypatch.setattr(kernel_choice, "check_logits", broken)
+    timings += [5.0, 2.5, 3.5, 6.0, 7.0]
+    with pytest.raises(RuntimeError, match="the probe failed"):
+        choose_bf16x3(model, KernelChoice(4, timings=dict(FLOAT32_MS), column_major=True))
+    assert [type(m) for m in model.modules()] == before
+    assert all(is_column_major(w) for w in linear_weights(model))
+
+
+def test_the_logit_check_leaves_the_row_count_it_was_given(amx: None) -> None:
+    model = make_model(seed=4)
+    Swap(model, min_rows=3).put_in()
+    passed, _ = check_logits(model, 7)
+    assert passed
+    layers = [m for m in model.modules() if isinstance(m, Bf16x3Linear)]
+    assert layers and all(m.min_rows == 7 for m in layers)
+
+
+def test_the_start_up_line_counts_them_as_packed_weights(amx: None) -> None:
+    model = make_model(seed=4)
+    assert not has_packed_weights(model)
+    Swap(model, min_rows=2).put_in()
+    assert has_packed_weights(model)
+    assert linear_kernels_of(model) == "MKL below 2 rows, float32 as bf16x3 on AMX from 2"
 
 
 @pytest.mark.parametrize("precision", ["high", "highest"])

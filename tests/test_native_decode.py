@@ -387,6 +387,33 @@ def test_the_prebuild_command_builds_each_level_or_says_why(
     assert "no C compiler" in capsys.readouterr().err
 
 
+def test_the_prebuild_command_skips_a_level_its_compiler_cannot_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An older gcc without AMX fails on the first level; the others are still built."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("portable builds are for x86-64")
+    try:
+        native_decode._compiler()
+    except NativeUnavailable as exc:
+        pytest.skip(str(exc))
+    real = native_prebuild.build_portable
+
+    def old_gcc(target: str, folder: Path | None = None) -> Path:
+        if target == "x86-64-v4-amx":
+            raise NativeUnavailable("compiling the decode step failed: unrecognized -mamx-tile")
+        return real(target, folder)
+
+    monkeypatch.setattr(native_prebuild, "build_portable", old_gcc)
+    targets = ["--target", "x86-64-v4-amx", "--target", "x86-64-v3"]
+    assert native_prebuild.main(["--folder", str(tmp_path), *targets]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == [prebuilt_path("x86-64-v3", tmp_path).name]
+    printed = capsys.readouterr()
+    assert "x86-64-v4-amx: not built: compiling the decode step failed" in printed.err
+    assert "x86-64-v3: " in printed.out
+    assert native_prebuild.main(["--folder", str(tmp_path), "--target", "x86-64-v4-amx"]) == 1
+
+
 def test_start_up_choice_falls_back_to_torch_without_the_compiled_step(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

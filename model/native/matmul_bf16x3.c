@@ -153,7 +153,9 @@ int gptserve_bf16x3_pack(const float *w, int out, int in, unsigned short *packed
                     const __mmask16 mask = left >= 16  ? (__mmask16)0xffff
                                            : left <= 0 ? (__mmask16)0
                                                        : (__mmask16)((1u << left) - 1);
-                    const __m512 v = _mm512_maskz_loadu_ps(mask, w + (size_t)o * in + kb * 32 + half);
+                    /* padded outputs (o >= out) read nothing: their mask is empty and the row is w's first */
+                    const float *row = w + (size_t)(o < out ? o : 0) * in;
+                    const __m512 v = _mm512_maskz_loadu_ps(mask, row + kb * 32 + half);
                     const __m256bh high = _mm512_cvtneps_pbh(v);
                     const __m256bh low = _mm512_cvtneps_pbh(_mm512_sub_ps(v, widen(high)));
                     unsigned short h[16], l[16];
@@ -191,7 +193,8 @@ int gptserve_bf16x3_linear(const float *x, int rows, int in, int stride,
     unsigned short *xl = xh + activations;
     const int pairs = round_up(out, 32) / 32;
     const size_t block_stride = (size_t)kblocks * 2 * X3_TILE; /* one block of 16 outputs */
-    /* pairs of output blocks walked over all rows at a time: ~512 KiB of packed weight */
+    /* pairs of output blocks walked over all rows at a time: up to 1 MiB of packed weight
+     * (4 KiB per pair per 32 inputs; 768 KiB for gpt2's layers), which stays in L2 */
     int panel = 256 / kblocks;
     panel = panel < 1 ? 1 : panel > 8 ? 8 : panel;
 #pragma omp parallel num_threads(threads)

@@ -65,11 +65,13 @@ class Settings(BaseSettings):
     )
     float32_matmul_precision: Literal["high", "highest"] = Field(
         default="high",
-        description="CPU float32 (not batch-invariant): high lets batches of rows run their "
-        "linear layers on AMX tiles (Intel Sapphire Rapids and later) as three bfloat16 products "
-        "per float32 product (bf16x3, 16 bits of mantissa; torch's name for it), where measured "
-        "faster and where the served model's logits stay within 1e-4 (or 1e-5 of the largest "
-        "logit) of float32 kernels' (checked at start-up); highest: float32 kernels only",
+        description="CPU float32, where the kernels are measured at start-up (packed weights "
+        "without a forced --packed-min-rows) or batch-invariant: high lets batches of rows run "
+        "their linear layers on AMX tiles (Intel Sapphire Rapids and later) as three bfloat16 "
+        "products per float32 product (bf16x3, 16 bits of mantissa; torch's name for it), "
+        "from the row count where measured faster (batch-invariant: every row count) and where "
+        "the served model's logits stay within 1e-4 (or 1e-5 of the largest logit) of float32 "
+        "kernels' (checked at start-up); highest: float32 kernels only",
     )
     native_decode: Literal["auto", "on", "off"] = Field(
         default="auto",

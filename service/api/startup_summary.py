@@ -137,6 +137,13 @@ def linear_kernels_of(model: nn.Module) -> str:
     return "MKL" if model_device_type(model) == "cpu" else "cuBLAS"
 
 
+def has_packed_weights(model: nn.Module) -> bool:
+    """Whether the linear layers keep a second, packed copy of their weights: oneDNN's, or
+    the bf16x3 kernels' hi and lo halves."""
+    kinds = (PackedLinear, Bf16x3Linear, InvariantLinear)
+    return any(isinstance(module, kinds) for module in model.modules())
+
+
 def is_batch_invariant(model: nn.Module) -> bool:
     """Whether the model computes in batch-invariant mode (model.batch_invariant)."""
     return any(getattr(module, "batch_invariant", False) for module in model.modules())
@@ -188,7 +195,7 @@ def startup_summary(app: FastAPI, host: str, port: int) -> StartupSummary:
         device=str(model.device),
         dtype=dtype_name(model.dtype),
         quantization=quantization_of(model),
-        packed_weights=any(isinstance(module, PackedLinear) for module in model.modules()),
+        packed_weights=has_packed_weights(model),
         linear_kernels=linear_kernels_of(model),
         decode_step=decode_step_of(engine.runner),
         batch_invariant=is_batch_invariant(model),
