@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import workloads  # noqa: E402
-from servers import BUNDLED, PEERS, parse_servers, running  # noqa: E402
+from servers import BUNDLED, KNOWN, PEERS, parse_servers, running  # noqa: E402
 
 # Figures where less is better; their ratio is peer / ours, so above 1 is always ours ahead.
 LOWER_IS_BETTER = ("ms", "seconds", "time", "loss")
@@ -216,19 +216,7 @@ def main() -> int:
     parser.add_argument(
         "--servers",
         default="ours",
-        help="comma-separated: "
-        + ", ".join(
-            [
-                "ours",
-                "ours-int8",
-                "ours-invariant",
-                "ours-no-prefix",
-                "ours-ngram",
-                "vllm",
-                "llama",
-                "llama-q8",
-            ]
-        ),
+        help="comma-separated: " + ", ".join(KNOWN),
     )
     parser.add_argument("--model", help="a folder name under the peers folder")
     parser.add_argument("--levels", default="1,8,32", help="concurrency levels (decode)")

@@ -208,6 +208,9 @@ def choose_bf16x3(model: nn.Module, choice: KernelChoice) -> bool:
     wins), check the logits of a probe prompt against float32 kernels', and keep them if they
     pass; otherwise (or on any error) the model is left as it was. Records the outcome in
     `choice`; returns whether they were kept."""
+    if not choice.timings:
+        choice.bf16x3_note = "no float32 timings to compare them with"
+        return False
     try:
         swap = Swap(model, min_rows=1)
     except NativeUnavailable as exc:

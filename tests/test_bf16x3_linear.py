@@ -234,6 +234,14 @@ def test_the_choice_takes_them_from_where_they_keep_beating_mkl(
         torch.testing.assert_close(model(idx), expected, rtol=0, atol=1e-4)
 
 
+def test_without_float32_timings_they_are_not_taken() -> None:
+    model = make_model(seed=4)
+    choice = KernelChoice(4)  # a forced or substituted choice: nothing to compare with
+    assert not choose_bf16x3(model, choice)
+    assert choice.bf16x3_note == "no float32 timings to compare them with"
+    assert not any(isinstance(m, Bf16x3Linear) for m in model.modules())
+
+
 def test_a_failing_check_leaves_the_model_as_it_was(
     amx: None, timings: list[float], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -69,19 +69,22 @@ class Settings(BaseSettings):
         "without a forced --packed-min-rows) or batch-invariant: high lets batches of rows run "
         "their linear layers on AMX tiles (Intel Sapphire Rapids and later) as three bfloat16 "
         "products per float32 product (bf16x3, 16 bits of mantissa; torch's name for it), "
-        "from the row count where measured faster (batch-invariant: every row count) and where "
+        "where measured faster than both float32 kernels at the most rows probed, from the row "
+        "count from which they beat MKL (batch-invariant: every row count), and where "
         "the served model's logits stay within 1e-4 (or 1e-5 of the largest logit) of float32 "
         "kernels' (checked at start-up); highest: float32 kernels only",
     )
     native_decode: Literal["auto", "on", "off"] = Field(
         default="auto",
-        description="CPU float32 and int8 (not batch-invariant): run decode steps of few rows "
+        description="CPU float32 and int8 (batch-invariant: only the attention kernel, for "
+        "prompts and decode steps alike): run decode steps of few rows "
         "as one C function compiled for this CPU at start-up (needs a C compiler, else a build "
         "made in advance for the CPU's level, as in the container image; cached), and "
         "batched steps' cache writes, int8 GELU and attention (each row over only its own keys, "
         "a shared prompt prefix read once) through it. auto: the whole step for the row counts, "
         "and the attention, where measured faster than torch; on: up to 16 rows and the "
-        "attention, unmeasured; off: torch only, nothing compiled (no bf16x3 linears either)",
+        "attention, unmeasured; off: torch only, nothing compiled (no bf16x3 linears, "
+        "and batch-invariant attention in torch)",
     )
     fast_decode: bool = Field(
         default=False,
