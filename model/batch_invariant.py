@@ -235,6 +235,10 @@ class InvariantAttention:
     def __init__(
         self, slots: list[int], positions: list[list[int]], max_len: int, device: torch.device
     ) -> None:
+        if len(positions) != len(slots) or min(slots, default=0) < 0:
+            raise ValueError("one list of positions per row, and slots from 0")
+        if any(not 0 <= p < max_len for row in positions for p in row):
+            raise ValueError(f"query positions must lie in [0, {max_len})")
         self.slots, self.positions, self.max_len = slots, positions, max_len
         self.library = _attention_library() if device.type == "cpu" else None
         self._compiled_layout: tuple[int, _CompiledQueries] | None = None
@@ -324,10 +328,21 @@ class InvariantAttention:
     ) -> torch.Tensor:
         batch, num_heads, width, head_dim = q.shape
         channels = num_heads * head_dim
+        if batch != len(self.slots) or max(self.slots, default=0) >= k_cache.shape[0]:
+            raise ValueError(
+                f"{batch} rows of queries for slots {self.slots} of {k_cache.shape[0]}"
+            )
+        if any(len(row) > width for row in self.positions):
+            raise ValueError(f"more query positions in a row than its {width} columns")
         layout = self._queries(width)
         # The queries are the first third of the attention's input projections (B, T, 3C);
-        # read in place where q is that view of them, else copied into that shape.
-        in_place = q.stride() == (width * 3 * channels, head_dim, 3 * channels, 1)
+        # read in place where q is that view of them (a decode step's too: T = 1, whatever
+        # that dimension's stride), else copied into that shape.
+        expected = (width * 3 * channels, head_dim, 3 * channels, 1)
+        in_place = all(
+            size == 1 or stride == want
+            for size, stride, want in zip(q.shape, q.stride(), expected, strict=True)
+        )
         if in_place and q.dtype == torch.float32:
             projections, base = q, q.data_ptr()
         else:

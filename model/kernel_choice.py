@@ -217,15 +217,23 @@ def choose_bf16x3(model: nn.Module, choice: KernelChoice) -> bool:
         choice.bf16x3_note = str(exc)
         logger.info("bf16x3 linears: not used (%s)", exc)
         return False
-    for rows in choice.timings:
-        inputs = {layer.in_features: torch.randn(rows, layer.in_features) for layer in swap.layers}
+    try:
+        for rows in choice.timings:
+            inputs = {
+                layer.in_features: torch.randn(rows, layer.in_features) for layer in swap.layers
+            }
 
-        def amx(inputs: dict[int, torch.Tensor] = inputs) -> None:
-            for layer in swap.layers:
-                layer(inputs[layer.in_features])
+            def amx(inputs: dict[int, torch.Tensor] = inputs) -> None:
+                for layer in swap.layers:
+                    layer(inputs[layer.in_features])
 
-        with torch.inference_mode():
-            choice.bf16x3_timings[rows] = _best_time(amx)
+            with torch.inference_mode():
+                choice.bf16x3_timings[rows] = _best_time(amx)
+    except NativeUnavailable as exc:  # e.g. the tiles refused to this process
+        choice.bf16x3_timings.clear()
+        choice.bf16x3_note = str(exc)
+        logger.info("bf16x3 linears: not used (%s)", exc)
+        return False
     # Taken only if they win where the most rows run: beside the largest probed count they
     # beat both float32 kernels. Then they run from the count from which they keep beating MKL,
     # the kernel left below them (no packed copy is kept beside them): no row count is slower
@@ -255,6 +263,11 @@ def choose_bf16x3(model: nn.Module, choice: KernelChoice) -> bool:
     swap.put_in()
     try:
         passed, difference = check_logits(model, min_rows)
+    except NativeUnavailable as exc:
+        _restore(model, swap, relaid)
+        choice.bf16x3_note = str(exc)
+        logger.info("bf16x3 linears: not used (%s)", exc)
+        return False
     except BaseException:
         _restore(model, swap, relaid)
         raise

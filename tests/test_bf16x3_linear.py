@@ -242,20 +242,31 @@ def test_without_float32_timings_they_are_not_taken() -> None:
     assert not any(isinstance(m, Bf16x3Linear) for m in model.modules())
 
 
+@pytest.mark.parametrize("refused", [False, True])
 def test_a_failing_check_leaves_the_model_as_it_was(
-    amx: None, timings: list[float], monkeypatch: pytest.MonkeyPatch
+    amx: None, timings: list[float], monkeypatch: pytest.MonkeyPatch, refused: bool
 ) -> None:
+    """An error in the check is raised after the model is restored; tiles refused to the
+    process (NativeUnavailable) only mean the float32 kernels stay."""
     model = make_model(seed=4)
     set_column_major(model, True)
     before = [type(m) for m in model.modules()]
 
     def broken(model: nn.Module, min_rows: int) -> tuple[bool, float]:
+        if refused:
+            raise NativeUnavailable("the AMX tiles were refused to this process")
         raise RuntimeError("the probe failed")
 
     monkeypatch.setattr(kernel_choice, "check_logits", broken)
     timings += [5.0, 2.5, 3.5, 6.0, 7.0]
-    with pytest.raises(RuntimeError, match="the probe failed"):
-        choose_bf16x3(model, KernelChoice(4, timings=dict(FLOAT32_MS), column_major=True))
+    choice = KernelChoice(4, timings=dict(FLOAT32_MS), column_major=True)
+    if refused:
+        assert not choose_bf16x3(model, choice)
+        assert choice.bf16x3_note == "the AMX tiles were refused to this process"
+    else:
+        with pytest.raises(RuntimeError, match="the probe failed"):
+            choose_bf16x3(model, choice)
+    assert choice.bf16x3_min_rows is None
     assert [type(m) for m in model.modules()] == before
     assert all(is_column_major(w) for w in linear_weights(model))
 

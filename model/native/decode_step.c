@@ -681,7 +681,7 @@ static void attend_wide(const float *q, const char *keys, const char *values, in
         else                                                                                \
             attend_wide_n(q, keys, values, 0, length, N, scores, out);                      \
         return;
-    switch (D / 16) {
+    switch (D % 16 ? 0 : D / 16) { /* the cases cover whole multiples of 16 only */
         ATTEND_CASE(2)
         ATTEND_CASE(4)
         ATTEND_CASE(6)

@@ -76,8 +76,9 @@ class Settings(BaseSettings):
     )
     native_decode: Literal["auto", "on", "off"] = Field(
         default="auto",
-        description="CPU float32 and int8 (batch-invariant: only the attention kernel, for "
-        "prompts and decode steps alike): run decode steps of few rows "
+        description="CPU float32 and int8 (batch-invariant: not the whole step, but the "
+        "attention kernel for prompts and decode steps alike, the cache writes and the bf16x3 "
+        "linears): run decode steps of few rows "
         "as one C function compiled for this CPU at start-up (needs a C compiler, else a build "
         "made in advance for the CPU's level, as in the container image; cached), and "
         "batched steps' cache writes, int8 GELU and attention (each row over only its own keys, "
