@@ -241,7 +241,7 @@ class InvariantAttention:
             raise ValueError(f"query positions must lie in [0, {max_len})")
         self.slots, self.positions, self.max_len = slots, positions, max_len
         self.library = _attention_library() if device.type == "cpu" else None
-        self._compiled_layout: tuple[int, _CompiledQueries] | None = None
+        self._compiled_layout: tuple[tuple[int, int], _CompiledQueries] | None = None
         self.blocks: list[_QueryBlock] = []
         if self.library is not None:
             return
@@ -301,10 +301,15 @@ class InvariantAttention:
             y[block.rows, :, block.columns] = out.view(count, num_heads, head_dim)
         return y
 
-    def _queries(self, width: int) -> _CompiledQueries:
-        """The compiled kernel's view of this call's queries for calls `width` columns wide:
-        row b * width + t of the (B * width, 3C) projections is row b's query t."""
-        if self._compiled_layout is None or self._compiled_layout[0] != width:
+    def _queries(self, width: int, num_slots: int) -> _CompiledQueries:
+        """The compiled kernel's view of this call's queries for calls `width` columns wide over
+        a cache of `num_slots` slots: row b * width + t of the (B * width, 3C) projections is row
+        b's query t. Built (and checked) once per forward call, used by every layer."""
+        if self._compiled_layout is None or self._compiled_layout[0] != (width, num_slots):
+            if max(self.slots, default=0) >= num_slots:
+                raise ValueError(f"slots {self.slots} outside the cache's {num_slots}")
+            if any(len(row) > width for row in self.positions):
+                raise ValueError(f"more query positions in a row than its {width} columns")
             total = len(self.slots) * width
             slots, positions, real = [0] * total, [0] * total, []
             for row, row_positions in enumerate(self.positions):
@@ -320,7 +325,7 @@ class InvariantAttention:
                 count=len(real),
                 padded=len(real) < total,
             )
-            self._compiled_layout = (width, layout)
+            self._compiled_layout = ((width, num_slots), layout)
         return self._compiled_layout[1]
 
     def _compiled(
@@ -328,13 +333,10 @@ class InvariantAttention:
     ) -> torch.Tensor:
         batch, num_heads, width, head_dim = q.shape
         channels = num_heads * head_dim
-        if batch != len(self.slots) or max(self.slots, default=0) >= k_cache.shape[0]:
-            raise ValueError(
-                f"{batch} rows of queries for slots {self.slots} of {k_cache.shape[0]}"
-            )
-        if any(len(row) > width for row in self.positions):
-            raise ValueError(f"more query positions in a row than its {width} columns")
-        layout = self._queries(width)
+        if batch != len(self.slots):
+            raise ValueError(f"{batch} rows of queries for {len(self.slots)} slots")
+        num_slots = k_cache.shape[0]
+        layout = self._queries(width, num_slots)
         # The queries are the first third of the attention's input projections (B, T, 3C);
         # read in place where q is that view of them (a decode step's too: T = 1, whatever
         # that dimension's stride), else copied into that shape.
@@ -344,7 +346,7 @@ class InvariantAttention:
             for size, stride, want in zip(q.shape, q.stride(), expected, strict=True)
         )
         if in_place and q.dtype == torch.float32:
-            projections, base = q, q.data_ptr()
+            base = q.data_ptr()
         else:
             projections = torch.zeros(batch, width, 3 * channels, dtype=torch.float32)
             projections[:, :, :channels] = q.transpose(1, 2).reshape(batch, width, channels)
@@ -355,13 +357,11 @@ class InvariantAttention:
         assert lib is not None
         threads = max(1, torch.get_num_threads())
         workspace = _attention_workspace(lib, self.max_len, threads)
-        num_slots = k_cache.shape[0]
         lib.gptserve_attend(
             base, k_cache.data_ptr(), v_cache.data_ptr(), 0, 0, num_slots, self.max_len,
             num_heads, head_dim, layout.total, layout.slots, layout.positions, layout.real,
             layout.count, out.data_ptr(), workspace.data_ptr(), threads,
         )  # fmt: skip
-        del projections  # (kept alive through the call above)
         return out.view(batch, width, num_heads, head_dim).transpose(1, 2).to(q.dtype)
 
 

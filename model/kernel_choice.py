@@ -214,9 +214,7 @@ def choose_bf16x3(model: nn.Module, choice: KernelChoice) -> bool:
     try:
         swap = Swap(model, min_rows=1)
     except NativeUnavailable as exc:
-        choice.bf16x3_note = str(exc)
-        logger.info("bf16x3 linears: not used (%s)", exc)
-        return False
+        return _unavailable(choice, exc)
     try:
         for rows in choice.timings:
             inputs = {
@@ -231,9 +229,7 @@ def choose_bf16x3(model: nn.Module, choice: KernelChoice) -> bool:
                 choice.bf16x3_timings[rows] = _best_time(amx)
     except NativeUnavailable as exc:  # e.g. the tiles refused to this process
         choice.bf16x3_timings.clear()
-        choice.bf16x3_note = str(exc)
-        logger.info("bf16x3 linears: not used (%s)", exc)
-        return False
+        return _unavailable(choice, exc)
     # Taken only if they win where the most rows run: beside the largest probed count they
     # beat both float32 kernels. Then they run from the count from which they keep beating MKL,
     # the kernel left below them (no packed copy is kept beside them): no row count is slower
@@ -265,9 +261,7 @@ def choose_bf16x3(model: nn.Module, choice: KernelChoice) -> bool:
         passed, difference = check_logits(model, min_rows)
     except NativeUnavailable as exc:
         _restore(model, swap, relaid)
-        choice.bf16x3_note = str(exc)
-        logger.info("bf16x3 linears: not used (%s)", exc)
-        return False
+        return _unavailable(choice, exc)
     except BaseException:
         _restore(model, swap, relaid)
         raise
@@ -289,6 +283,13 @@ def choose_bf16x3(model: nn.Module, choice: KernelChoice) -> bool:
         difference,
     )
     return True
+
+
+def _unavailable(choice: KernelChoice, exc: NativeUnavailable) -> bool:
+    """Record (and log) why the bf16x3 kernels cannot run; they are not taken."""
+    choice.bf16x3_note = str(exc)
+    logger.info("bf16x3 linears: not used (%s)", exc)
+    return False
 
 
 def _restore(model: nn.Module, swap: Swap, relaid: bool) -> None:

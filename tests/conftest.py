@@ -6,11 +6,13 @@ import atexit
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from model import kernel_choice
 from model.config import GPTConfig
 from model.gpt2 import GPT
 
@@ -63,3 +65,17 @@ def _compiled_library_allowed() -> None:
 @pytest.fixture(scope="session")
 def tiny_model() -> GPT:
     return make_model()
+
+
+@pytest.fixture
+def timings(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
+    """Replace model.kernel_choice's stopwatch: each timed probe takes the next of these (ms),
+    and 10 ms once they run out."""
+    queue: list[float] = []
+
+    def fake_best_time(run: object) -> float:
+        run()  # type: ignore[operator]
+        return queue.pop(0) if queue else 10.0
+
+    monkeypatch.setattr(kernel_choice, "_best_time", fake_best_time)
+    yield queue

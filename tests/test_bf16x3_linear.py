@@ -5,7 +5,6 @@ the choice's fall-backs are tested everywhere."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -170,19 +169,6 @@ def test_the_choice_refuses_them_when_the_logits_are_off(
         assert not choose_bf16x3(model, choice)
     assert "logits" in choice.bf16x3_note and "off float32" in caplog.text
     assert [type(m) for m in model.modules()] == before
-
-
-@pytest.fixture
-def timings(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
-    """Replace the stopwatch: each timed probe takes the next of these (ms)."""
-    queue: list[float] = []
-
-    def fake_best_time(run: Callable[[], object]) -> float:
-        run()
-        return queue.pop(0)
-
-    monkeypatch.setattr(kernel_choice, "_best_time", fake_best_time)
-    yield queue
 
 
 # rows: (MKL, packed) ms; the packed kernel wins from 4 rows

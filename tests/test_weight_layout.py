@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
 from conftest import make_model
-from model import kernel_choice
 from model.decode import DecodeStep
 from model.kernel_choice import choose_weight_layout, use_fastest_float32_kernels
 from model.kv_cache import KVCache
@@ -49,19 +46,6 @@ def test_the_lean_decode_step_on_column_major_weights() -> None:
         for position, token in enumerate(IDX[0].tolist()):
             logits = step(cache, [token], [1], [position])[0]
     torch.testing.assert_close(logits, reference, rtol=0, atol=1e-5)
-
-
-@pytest.fixture
-def timings(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
-    """Replace the stopwatch: each timed probe takes the next of these (ms)."""
-    queue: list[float] = []
-
-    def fake_best_time(run: object) -> float:
-        run()  # type: ignore[operator]
-        return queue.pop(0) if queue else 10.0
-
-    monkeypatch.setattr(kernel_choice, "_best_time", fake_best_time)
-    yield queue
 
 
 @pytest.mark.parametrize(("row_ms", "column_ms", "expected"), [(2.0, 1.0, True), (1.0, 2.0, False)])
